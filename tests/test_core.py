@@ -1,0 +1,68 @@
+"Core behaviour that a notebook cannot show: fresh processes, environment variables, the console script."
+import json
+import subprocess
+
+import pytest
+import torch
+
+from bigmodel_nb import core
+from conftest import run_py
+
+
+def test_device_env_variable_is_read_in_a_fresh_process():
+    res = run_py("from bigmodel_nb.core import get_device; print(get_device())", env={"BIGMODEL_NB_DEVICE": "cpu"})
+    assert res.returncode == 0 and res.stdout.strip() == "cpu"
+
+
+def test_bad_device_env_variable_names_the_variable():
+    res = run_py("from bigmodel_nb.core import get_device; get_device()", env={"BIGMODEL_NB_DEVICE": "warp-drive"})
+    assert res.returncode != 0 and "$BIGMODEL_NB_DEVICE" in res.stderr and "warp-drive" in res.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_missing_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        core.get_device("cuda")
+
+
+def test_precision_choice():
+    assert core.autocast_dtype("cpu") is torch.float32
+    assert core.autocast_dtype("cpu", "BF16") is torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        core.autocast_dtype("cpu", "fp8")
+
+
+def test_seeding_repeats_initial_weights():
+    core.set_seed(123); a = torch.nn.Linear(8, 2).weight.detach().clone()
+    core.set_seed(123); b = torch.nn.Linear(8, 2).weight.detach().clone()
+    core.set_seed(124); c = torch.nn.Linear(8, 2).weight.detach().clone()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_cache_dir_follows_env(tmp_cache):
+    assert core.cache_dir("assets") == tmp_cache / "assets" and (tmp_cache / "assets").is_dir()
+
+
+def test_cache_dir_unwritable_says_what_to_do(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("BIGMODEL_NB_CACHE", str(blocker))
+    with pytest.raises(OSError, match="BIGMODEL_NB_CACHE"):
+        core.cache_dir("x")
+
+
+def test_run_context_in_a_script():
+    res = run_py("from bigmodel_nb.core import run_context, in_notebook; print(run_context(), in_notebook())")
+    assert res.stdout.split() == ["terminal", "False"]
+
+
+def test_env_command_json():
+    res = subprocess.run(["bigmodel-nb", "env", "--json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["torch"] == torch.__version__ and report["device"] == str(core.get_device())
+
+
+def test_env_command_bad_device_exits_2_without_traceback():
+    res = subprocess.run(["bigmodel-nb", "env", "--device", "abacus"], capture_output=True, text=True)
+    assert res.returncode == 2 and "abacus" in res.stderr and "Traceback" not in res.stderr
