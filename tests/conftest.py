@@ -21,3 +21,32 @@ def run_py(code: str, env: dict | None = None, **kw):
     import subprocess
     full = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A small BERT (2 layers, hidden 32) with random weights and the real MiniLM tokenizer, saved as a
+    `from_pretrained` folder: fast enough to train for real in a test, same code path as the full model."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from bigmodel_nb.assets import model_path
+    import torch
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(model_path("minilm"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512, num_labels=2)
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def movie_data(tiny_bert_dir):
+    "300 real movie-review sentences, split 80/10/10 and tokenized with the MiniLM tokenizer."
+    from transformers import AutoTokenizer
+    from bigmodel_nb.assets import load_sample
+    from bigmodel_nb.data import TextClassificationData
+    df = load_sample("movie_reviews").sample(300, random_state=1)
+    data = TextClassificationData.from_df(df)
+    data.tokenize(AutoTokenizer.from_pretrained(tiny_bert_dir), max_length=64)
+    return data
