@@ -446,7 +446,7 @@ _REASONS = {"empty_text": "empty text", "non_string_text": "text not a string", 
             "duplicate_text": "duplicate text", "leakage": "text also in an earlier split", "unseen_label": "label unseen in train",
             "small_class": "class too small to split", "too_long": "longer than max_length"}
 
-# %% ../nbs/02_data.ipynb #2f21ab52
+# %% ../nbs/02_data.ipynb #65152a44
 class TextClassificationData:
     "Texts and labels, checked, split and (after `tokenize`) tokenized; makes the batches for training."
     def __init__(self,
@@ -786,10 +786,10 @@ class TextClassificationData:
         return out
 
 def load_tokenizer(name_or_path:str|Path):
-    "A fast tokenizer from an asset name ('minilm'), a folder or a Hub id."
-    from transformers import AutoTokenizer
+    "A fast tokenizer from an asset name ('minilm'), a folder or a Hub id (see `models.load_tokenizer`)."
     from bigmodel_nb.assets import model_path
-    return AutoTokenizer.from_pretrained(model_path(name_or_path), use_fast=True)
+    from bigmodel_nb.models import load_tokenizer as _load
+    return _load(model_path(name_or_path))
 
 # %% ../nbs/02_data.ipynb #73518bee
 def read_batch_size(source:Any) -> int:

@@ -1,0 +1,247 @@
+"""The Learner on real data with a small real BERT: resume exactness, interrupts, NaN steps, out-of-memory
+recovery (simulated: no GPU here), live hyperparameters and their replay, the LR finder, callbacks, checkpoints."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from bigmodel_nb.callbacks import EarlyStopping, KeepBest, lr_find
+from bigmodel_nb.learner import Callback, HParams, Learner, NonFiniteLossError, find_checkpoint
+
+
+class StepLosses(Callback):
+    "Record the loss of every optimizer step (one host sync per step: fine in a test)."
+    def __init__(self): self.losses = []
+    def after_step(self): self.losses.append(self.learn.loss.item())
+
+
+class Steer(Callback):
+    "Change hyperparameters at given steps, the way a dashboard would."
+    def __init__(self, changes): self.changes = changes
+    def after_step(self):
+        for name, value in self.changes.get(self.learn.step, {}).items(): self.learn.hp.set(**{name: value}, source="dashboard")
+
+
+@pytest.fixture
+def make(tiny_bert_dir, movie_data):
+    def make(hp=None, dropout=0.1, num_labels=2, **kw):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            tiny_bert_dir, num_labels=num_labels, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+            ignore_mismatched_sizes=num_labels != 2)
+        hp = hp if isinstance(hp, HParams) else HParams(**{**dict(lr=1e-3, batch_size=16, epochs=2, seed=3), **(hp or {})})
+        kw.setdefault("progress", False)
+        return Learner(model, movie_data, hp, device="cpu", **kw)
+    return make
+
+
+def params(learn): return {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+
+
+def same(a, b): return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_learns_and_records(make):
+    learn = make(dict(epochs=3, lr=2e-3))
+    learn.fit()
+    h = learn.history
+    assert [r["epoch"] for r in h] == [1, 2, 3] and learn.step == h[-1]["step"] > 0
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert learn.samples_seen == 3 * len(learn.train_ds)
+    assert learn.log and all(math.isfinite(r["train_loss"]) for r in learn.log)
+
+
+def test_resume_continues_exactly(make, tmp_path):
+    steer = {3: dict(lr=5e-4), 5: dict(batch_size=24)}
+    full = StepLosses()
+    make(cbs=[full, Steer(steer)]).fit()
+
+    first = StepLosses()
+    class StopAt(Callback):
+        def after_step(self):
+            if self.learn.step == 7: self.learn.stop()
+    a = make(cbs=[first, Steer(steer), StopAt()], out_dir=tmp_path)
+    a.fit()
+    assert a.interrupted and a.step == 7 and first.losses == full.losses[:7]
+
+    rest = StepLosses()
+    b = make(cbs=[rest, Steer(steer)], out_dir=tmp_path)
+    b.fit(resume=tmp_path / "checkpoint")
+    assert b.step == len(full.losses) and b.hp.batch_size == 24 and b.hp.lr == 5e-4
+    assert len(rest.losses) == len(full.losses) - 7
+    assert max(abs(x - y) for x, y in zip(rest.losses, full.losses[7:])) <= 1e-6
+    assert [(c.step, c.name) for c in b.hp.log] == [(3, "lr"), (5, "batch_size")]
+
+
+def test_replayed_log_reproduces_an_interactive_run(make):
+    live = StepLosses()
+    a = make(cbs=[live, Steer({2: dict(lr=3e-3), 4: dict(batch_size=8), 9: dict(lr=1e-4, weight_decay=0.1)})])
+    a.fit()
+    replayed = StepLosses()
+    b = make(HParams.replay(a.hp), cbs=[replayed])
+    b.fit()
+    assert len(replayed.losses) == len(live.losses)
+    assert max(abs(x - y) for x, y in zip(replayed.losses, live.losses)) <= 1e-6
+    assert [str(c).split(" (")[0] for c in b.hp.log] == [str(c).split(" (")[0] for c in a.hp.log]
+
+
+def test_live_lr_is_a_scale_over_the_schedule(make):
+    seen = []
+    class Watch(Callback):
+        order = 100
+        def after_step(self):
+            seen.append((self.learn.step, self.learn.opt.param_groups[0]["lr"].item(), self.learn.hp.lr, self.learn.progress))
+    learn = make(dict(epochs=1, warmup=0.1), cbs=[Watch(), Steer({4: dict(lr=4e-3)})])
+    learn.fit()
+    from bigmodel_nb.learner import schedule_factor
+    step5 = [s for s in seen if s[0] == 5][0]
+    assert step5[2] == 4e-3
+    # the optimizer's lr at the step after the change = new lr x the schedule's factor at that step's progress
+    assert step5[1] == pytest.approx(4e-3 * schedule_factor("linear", step5[3], 0.1), rel=1e-6)
+    step4 = [s for s in seen if s[0] == 4][0]
+    assert step4[1] == pytest.approx(1e-3 * schedule_factor("linear", step4[3], 0.1), rel=1e-6)
+
+
+def test_stop_from_another_thread_leaves_a_usable_model(make):
+    learn = make(dict(epochs=50))
+    t = threading.Thread(target=learn.fit)
+    t.start()
+    while learn.step < 3 and t.is_alive(): time.sleep(0.01)
+    learn.stop()
+    t.join(timeout=60)
+    assert not t.is_alive() and learn.interrupted and learn.step < 50 * 12
+    pred = learn.predict(["a warm, funny and moving film"])
+    assert pred[0]["label"] in ("positive", "negative") and abs(sum(pred[0]["probs"].values()) - 1) < 1e-5
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_saves(tiny_bert_dir, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from bigmodel_nb.assets import load_sample
+        from bigmodel_nb.data import TextClassificationData
+        from bigmodel_nb.learner import Callback, HParams, Learner
+        data = TextClassificationData.from_df(load_sample("movie_reviews").sample(300, random_state=1))
+        data.tokenize(AutoTokenizer.from_pretrained({str(tiny_bert_dir)!r}), max_length=64)
+        model = AutoModelForSequenceClassification.from_pretrained({str(tiny_bert_dir)!r}, num_labels=2)
+        class Report(Callback):
+            def after_step(self): print("step", self.learn.step, flush=True)
+        learn = Learner(model, data, HParams(epochs=200, batch_size=16), device="cpu", progress=False,
+                        out_dir={str(tmp_path / "run")!r}, cbs=[Report()])
+        learn.fit()
+        print("done", learn.step, learn.interrupted, flush=True)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step") and int(line.split()[1]) >= 3:
+            proc.send_signal(signal.SIGINT); break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    done = [l for l in out.splitlines() if l.startswith("done")][0].split()
+    assert done[2] == "True" and "checkpoint saved to" in out and "resume=" in out
+    import json
+    state = json.loads((tmp_path / "run" / "checkpoint" / "training_state" / "state.json").read_text())
+    assert state["step"] == int(done[1])
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "checkpoint")
+    assert set(model.config.label2id) == {"positive", "negative"}
+
+
+def test_nan_steps_are_skipped_without_touching_weights(make):
+    snapshots = {}
+    class Poison(Callback):
+        def after_loss(self):
+            if self.learn.step in (2, 3): self.learn.loss = self.learn.loss * float("nan")
+        def after_step(self): snapshots[self.learn.step] = params(self.learn)
+    learn = make(dict(epochs=1), cbs=[Poison()])
+    learn.fit()
+    assert learn.skipped_steps == 2
+    assert same(snapshots[2], snapshots[3]) and same(snapshots[3], snapshots[4])
+    assert not same(snapshots[4], snapshots[5])
+
+
+def test_many_nan_steps_stop_with_a_clear_error(make):
+    class Poison(Callback):
+        def after_loss(self):
+            if self.learn.step >= 2: self.learn.loss = self.learn.loss * float("inf")
+        def after_step(self):
+            if self.learn.step == 2: self.good = params(self.learn)
+    poison = Poison()
+    learn = make(dict(epochs=3), cbs=[poison], max_bad_steps=3, sync_every=1)
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row.*learning rate"):
+        learn.fit()
+    assert learn.step == 5 and same(poison.good, params(learn)) and learn.error is not None
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(make):
+    learn = make(dict(epochs=1, batch_size=16))
+    def limit(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > 8: raise torch.OutOfMemoryError("CUDA out of memory (simulated: no GPU here)")
+    learn.model.register_forward_pre_hook(limit, with_kwargs=True)
+    with pytest.warns(UserWarning, match="out of memory"):
+        learn.fit()
+    assert learn.hp.batch_size == 8
+    assert [(c.name, c.old, c.new, c.source) for c in learn.hp.log] == [("batch_size", 16, 8, "out of memory")]
+    assert learn.samples_seen == len(learn.train_ds) and learn.history
+
+
+def test_lr_finder_suggests_and_leaves_no_trace(make):
+    learn = make()
+    before, opt_before = params(learn), None
+    res = lr_find(learn, num_steps=30, plot=False)
+    assert res.lrs == sorted(res.lrs) and res.lrs[0] <= res.suggestion <= res.lrs[-1]
+    assert same(before, params(learn)) and learn.step == 0 and learn.samples_seen == 0 and not learn.history
+    assert learn.hp.log == [] and learn.lr_range[0] == res.lrs[0]
+    learn.fit(epochs=1)                      # and training works normally afterwards
+    assert learn.history
+
+
+def test_early_stopping_and_keep_best(make):
+    script = iter([1.0, 0.8, 0.9, 0.95, 0.7])
+    kept = {}
+    class Fake(Callback):
+        order = 0                            # before KeepBest (60) and EarlyStopping (70)
+        def after_validate(self):
+            self.learn.metrics["valid_loss"] = next(script)
+            kept[self.learn.epoch + 1] = params(self.learn)
+    learn = make(dict(epochs=5), cbs=[Fake(), KeepBest(), EarlyStopping(patience=2)])
+    learn.fit()
+    assert learn.epoch == 3 and len(learn.history) == 4          # stopped after epoch 4
+    assert same(params(learn), kept[2])
+
+
+def test_checkpoint_is_a_transformers_folder_and_survives_a_cut_save(make, tmp_path):
+    learn = make(dict(epochs=1), out_dir=tmp_path)
+    learn.fit()
+    ckpt = tmp_path / "checkpoint"
+    m = AutoModelForSequenceClassification.from_pretrained(ckpt)
+    assert m.config.id2label == {0: "negative", 1: "positive"} or m.config.id2label == {0: "positive", 1: "negative"}
+    assert (tmp_path / "history.csv").read_text().startswith("epoch,")
+    os.replace(ckpt, tmp_path / ".checkpoint.old-999")            # as if the save died between its two renames
+    with pytest.warns(UserWarning, match="cut short"):
+        assert find_checkpoint(ckpt) == tmp_path / ".checkpoint.old-999"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        find_checkpoint(tmp_path / "nowhere")
+
+
+def test_label_count_mismatch_is_explained(make):
+    with pytest.raises(ValueError, match="3 outputs but the data has 2 classes"):
+        make(num_labels=3)
+
+
+def test_hparams_validate_and_refuse_frozen_changes_while_live():
+    hp = HParams()
+    with pytest.raises(ValueError, match="batch_size must be a whole number"):
+        hp.batch_size = 0
+    hp._live = True
+    with pytest.raises(ValueError, match="epochs cannot change while training runs"):
+        hp.epochs = 5
+    hp.lr = 1e-3
+    assert hp.lr == 5e-5 and hp.pending == {"lr": 1e-3}
