@@ -72,13 +72,14 @@ PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
               "fp32": torch.float32, "float32": torch.float32, "no": torch.float32}
 
 def bf16_supported(device:str|torch.device|None=None) -> bool:
-    "Whether `device` runs bf16 natively: CUDA compute capability 8.0+, recent MPS; the CPU only emulates it."
+    "Whether `device` runs bf16 natively: CUDA compute capability 8.0+; CPUs with AVX512-BF16 or AMX; not MPS (fp16 is safer there)."
     dev = get_device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_capability(dev)[0] >= 8
     if dev.type == "mps":
         return False  # supported on recent macOS and torch, but fp16 is the safer default there
-    return False
+    cpu = getattr(torch, "cpu", None)    # torch's CPU feature probes are private helpers, hence the guards
+    return any(bool(getattr(cpu, probe, lambda: False)()) for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 def autocast_dtype(
     device:str|torch.device|None=None, # the device (see `get_device`)

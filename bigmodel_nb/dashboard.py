@@ -59,7 +59,7 @@ class _PanelCallback(Callback):
     def after_fit(self): self.dash._refresh(force=True)
     after_cancel_fit = after_fit
 
-# %% ../nbs/07_dashboard.ipynb #faab9b5a
+# %% ../nbs/07_dashboard.ipynb #6788ec04
 class Dashboard:
     "A panel of ipywidgets that starts, steers, pauses and stops `learn.fit()` running in a background thread."
     def __init__(self,
@@ -74,7 +74,7 @@ class Dashboard:
         self.thread, self._paused, self._requests, self._last_draw, self._closed = None, threading.Event(), [], 0.0, False
         self._resume = threading.Event(); self._resume.set()
         self._lock = threading.Lock()
-        self._muted, self.waiting = False, False
+        self._muted, self.waiting, self._draw_cost, self._last_progress = False, False, 0.0, 0.0
         learn.sync_every = min(learn.sync_every, sync_every)
         lo, hi = lr_range or getattr(learn, "lr_range", None) or (1e-7, 1e-1)
         opts = batch_size_options(learn) if max_batch_size is None else [b for b in batch_size_options(learn, max_batch_size)]
@@ -236,10 +236,12 @@ def _buttons_for(self, state:str):
 
 Dashboard._serve_requests, Dashboard._do, Dashboard._show_error, Dashboard._buttons_for = _serve_requests, _do, _show_error, _buttons_for
 
-# %% ../nbs/07_dashboard.ipynb #299fab71
+# %% ../nbs/07_dashboard.ipynb #f97e0be9
 def _progress(self):
-    l = self.learn
-    self.bar.value = min(l.samples_seen, self.bar.max)
+    now = time.monotonic()
+    if now - self._last_progress < 0.2: return                    # a widget message per batch is wasted on a fast GPU
+    self._last_progress = now
+    self.bar.value = min(self.learn.samples_seen, self.bar.max)
 
 def _status_text(self) -> str:
     l = self.learn
@@ -254,6 +256,7 @@ def _status_text(self) -> str:
 def _refresh(self, force:bool=False):
     "Update progress, status, table, change log and controls; redraw the plot at most every `redraw_every` seconds."
     l = self.learn
+    self._last_progress = 0.0
     self._progress()
     self.status.value = self._status_text()
     self._muted = True
@@ -269,9 +272,11 @@ def _refresh(self, force:bool=False):
     rows = "".join("<tr>" + "".join(f"<td>{r[c]:.4f}</td>" if isinstance(r.get(c), float) else f"<td>{r.get(c, '')}</td>" for c in cols) + "</tr>" for r in l.history)
     self.table.value = f"<table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{rows}</table>"
     now = time.monotonic()
-    if force or now - self._last_draw >= self.redraw_every:
-        self._last_draw = now
+    # at most one redraw per `redraw_every` seconds, and never more than 5% of the time: drawing holds the training thread
+    if force or now - self._last_draw >= max(self.redraw_every, 20 * self._draw_cost):
         self.plot.value = self.render_plot()
+        self._last_draw = time.monotonic()
+        self._draw_cost = 0.7 * self._draw_cost + 0.3 * (self._last_draw - now)
 
 def render_plot(self) -> bytes:
     "The loss, learning-rate and batch-size curves as PNG bytes."

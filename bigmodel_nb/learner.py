@@ -360,7 +360,7 @@ class _Loop:
                 while True:
                     if self._stop_requested and self._micro == 0: raise CancelFitException()
                     self.hp.commit(self.step, self.batches)
-                    if self._micro == 0: self._group_start = (self.step, s.state_dict(), self.batches, self.samples_seen)
+                    if self._micro == 0: self._group_start = (self.step, s.epoch, s.cursor, self.batches, self.samples_seen)
                     indices = next(batches, None)
                     if indices is None: break
                     self._run_batch(indices)
@@ -469,6 +469,9 @@ class _Loop:
     def _sync(self, check:bool=True):
         "Read the running loss and the bad-step counter from the device (the loop's only regular host sync)."
         if self.opt is None: return
+        if self.accelerator is not None and check:           # every process reaches this point together: add up their shares
+            both = self.accelerator.reduce(torch.stack([self._loss_sum, self._loss_n]), reduction="sum")
+            self._loss_sum.copy_(both[0]); self._loss_n.copy_(both[1])
         n = self._loss_n.item()
         if n:
             self.train_loss = self._loss_sum.item() / n
@@ -501,8 +504,7 @@ class _Loop:
         if self.opt is not None: self.opt.zero_grad(set_to_none=True)
         start = self._group_start
         if start is not None and start[0] == self.step:      # this step had not completed
-            _, sampler_state, self.batches, self.samples_seen = start
-            self.sampler.load_state_dict(sampler_state)
+            _, self.sampler.epoch, self.sampler.cursor, self.batches, self.samples_seen = start
         self._micro = 0
 
 class _nullcontext:

@@ -1,0 +1,269 @@
+#!/usr/bin/env python
+"""Fine-tune the same model on the same data with `bigmodel_nb`'s `Learner` and with Hugging Face's `Trainer`.
+
+Both get the same initial weights (one model, deep-copied), the same tokenized train and test examples
+(from one `TextClassificationData` split), batch size, learning rate, epochs, warmup, weight decay,
+gradient clipping, precision, seed, linear schedule and fused AdamW. Only training is timed (no model
+loading, tokenizing or evaluation); both models are then scored on the test split by the same code.
+
+    python bench/bench_trainer.py --max-samples 3000 --epochs 2          # ~minutes on a 2-core CPU
+    python bench/bench_trainer.py --json                                  # full data; JSON on the last line
+
+See bench/README.md for the fairness choices and measured numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="minilm", help="asset name, folder or Hub id (through bigmodel_nb.assets.model_path)")
+    p.add_argument("--max-samples", type=int, default=None, help="subsample this many rows (seeded) before splitting")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=float, default=0.06, help="fraction of training steps with a linear warmup")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens (default: the model's limit)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="auto: the library's own choice (bigmodel_nb.core.autocast_dtype): bf16 on CUDA 8.0+, fp16 on older CUDA, fp32 on the CPU")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0, mps (default: the best available)")
+    p.add_argument("--order", choices=("learner-first", "trainer-first"), default="learner-first",
+                   help="which one is timed first (both are warmed up first either way)")
+    p.add_argument("--warmup-steps", type=int, default=5,
+                   help="untimed optimizer steps each framework runs on a throwaway copy of the model before any timing")
+    p.add_argument("--trainer-group-by-length", action="store_true",
+                   help="give Trainer length-grouped batches too (train_sampling_strategy='group_by_length' in 5.x, "
+                        "group_by_length=True in 4.x); default: Trainer's default random batches")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    return p.parse_args(argv)
+
+
+# ---- data for Trainer: the very same tokenized examples, no `datasets` ------------------------------------------
+class TrainerDataset:
+    "The examples of a `TokenizedDataset` as the dicts of lists that `DataCollatorWithPadding` pads."
+    def __init__(self, ds): self.ds = ds
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i):
+        e = self.ds[i]
+        ids = [int(t) for t in e["input_ids"]]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": int(e["label"])}
+
+
+def training_args(**kw):
+    "A `TrainingArguments` from `kw`, renamed / left out for the installed transformers version (4.40+ and 5.x)."
+    from transformers import TrainingArguments
+    known = set(inspect.signature(TrainingArguments.__init__).parameters)
+    if "eval_strategy" in kw and "eval_strategy" not in known: kw["evaluation_strategy"] = kw.pop("eval_strategy")   # < 4.41
+    if kw.pop("group_by_length", False):
+        if "train_sampling_strategy" in known: kw["train_sampling_strategy"] = "group_by_length"                    # 5.x
+        else: kw["group_by_length"] = True                                                                         # 4.x
+    if "use_cpu" in kw and "use_cpu" not in known:
+        kw["no_cuda"] = kw.pop("use_cpu")
+    dropped = sorted(k for k in kw if k not in known)
+    if dropped: warnings.warn(f"this transformers version has no TrainingArguments {dropped}; left out")
+    return TrainingArguments(**{k: v for k, v in kw.items() if k in known})
+
+
+# ---- evaluation: one function for both models -------------------------------------------------------------------
+def test_accuracy(model, ds, collate, device, dtype, batch_size=128) -> float:
+    import numpy as np
+    import torch
+    order = np.argsort(-np.asarray(ds.lengths), kind="stable")
+    correct, was_training = 0, model.training
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            b = collate([ds[int(i)] for i in order[s:s + batch_size]])
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+            correct += int((logits.argmax(-1).cpu() == b["labels"]).sum())
+    model.train(was_training)
+    return correct / len(order)
+
+
+def _loadavg():
+    try: return [round(x, 2) for x in os.getloadavg()]
+    except OSError: return None
+
+
+def sync(device):
+    import torch
+    if device.type == "cuda": torch.cuda.synchronize(device)
+    elif device.type == "mps": torch.mps.synchronize()
+
+
+# ---- the two runs -----------------------------------------------------------------------------------------------
+def run_learner(model, data, tok, args, precision, device, max_steps=None) -> dict:
+    "Train with `Learner`; the clock runs from `before_fit` to `after_fit`, less the per-epoch validations."
+    from bigmodel_nb.learner import Callback, CancelFitException, HParams, Learner
+
+    class Clock(Callback):
+        order = -100
+        def before_fit(self): sync(device); self.t0, self.c0, self.excluded, self.c_excluded = time.perf_counter(), time.process_time(), 0.0, 0.0
+        def before_validate(self): sync(device); self.tv, self.cv = time.perf_counter(), time.process_time()
+        def after_validate(self):
+            self.excluded += time.perf_counter() - self.tv; self.c_excluded += time.process_time() - self.cv
+        def after_step(self):
+            if max_steps is not None and self.learn.step >= max_steps: raise CancelFitException()
+        def after_fit(self): sync(device); self.t1, self.c1 = time.perf_counter(), time.process_time()
+        after_cancel_fit = after_fit
+
+    hp = HParams(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, weight_decay=args.weight_decay,
+                 warmup=args.warmup, grad_accum=1, max_grad_norm=args.max_grad_norm, precision=precision,
+                 seed=args.seed, schedule="linear")
+    clock = Clock()
+    learn = Learner(model, data, hp, tokenizer=tok, cbs=[clock], progress=False, device=str(device))
+    learn.fit()
+    seconds = clock.t1 - clock.t0 - clock.excluded
+    out = dict(seconds=seconds, cpu_seconds=clock.c1 - clock.c0 - clock.c_excluded, samples=learn.samples_seen, steps=learn.step,
+               samples_per_s=learn.samples_seen / seconds, train_loss=learn.train_loss, model=learn.model)
+    if learn.history: out["library_samples_per_s"] = learn.history[-1]["samples_per_s"]   # the Learner's own clock
+    return out
+
+
+def run_trainer(model, train_ds, tok, args, precision, device, max_steps=None) -> dict:
+    "Train with `transformers.Trainer`; the clock runs from `on_train_begin` to `on_train_end` (no evaluation, no saving)."
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k): sync(device); self.t0, self.c0 = time.perf_counter(), time.process_time()
+        def on_train_end(self, *a, **k): sync(device); self.t1, self.c1 = time.perf_counter(), time.process_time()
+
+    n = len(train_ds)
+    steps_per_epoch = math.ceil(n / args.batch_size)
+    total = max_steps or steps_per_epoch * args.epochs
+    fused = device.type in ("cuda", "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = training_args(
+            output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
+            max_steps=max_steps if max_steps is not None else -1,
+            learning_rate=args.lr, weight_decay=args.weight_decay, lr_scheduler_type="linear",
+            warmup_steps=round(args.warmup * total), max_grad_norm=args.max_grad_norm,
+            bf16=precision == "bf16", fp16=precision == "fp16", seed=args.seed, data_seed=args.seed,
+            optim="adamw_torch_fused" if fused else "adamw_torch", eval_strategy="no", save_strategy="no",
+            logging_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+            dataloader_pin_memory=device.type == "cuda", remove_unused_columns=False,
+            use_cpu=device.type == "cpu", group_by_length=args.trainer_group_by_length,
+        )
+        clock = Clock()
+        collator = DataCollatorWithPadding(tok, pad_to_multiple_of=8, return_tensors="pt")
+        trainer = Trainer(model=model, args=targs, train_dataset=TrainerDataset(train_ds), data_collator=collator, callbacks=[clock])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")    # "fast tokenizer: __call__ is faster than pad" and the like
+            result = trainer.train()
+    seconds = clock.t1 - clock.t0
+    samples = min(total * args.batch_size, n * args.epochs) if max_steps else n * args.epochs
+    return dict(seconds=seconds, cpu_seconds=clock.c1 - clock.c0, samples=samples, steps=trainer.state.global_step, samples_per_s=samples / seconds,
+                train_loss=result.training_loss, train_runtime=result.metrics.get("train_runtime"), model=trainer.model)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import numpy as np
+    import torch
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+    from bigmodel_nb.assets import load_sample, model_path
+    from bigmodel_nb.core import autocast_dtype, get_device, precision_name
+    from bigmodel_nb.data import TextClassificationData, load_tokenizer
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.threads: torch.set_num_threads(args.threads)
+    device = get_device(args.device)
+    if device.type == "cuda" and device.index is not None: torch.cuda.set_device(device)   # Trainer uses the current GPU
+    precision = args.precision if args.precision != "auto" else precision_name(autocast_dtype(device, "auto"))
+    dtype = autocast_dtype(device, precision)
+
+    # data: one split, tokenized once, seen by both
+    df = load_sample("movie_reviews")
+    n_dup = int(df.duplicated("text").sum())
+    df = df.drop_duplicates("text").reset_index(drop=True)      # the sample repeats 2 texts; TextClassificationData refuses them
+    if args.max_samples and args.max_samples < len(df): df = df.sample(n=args.max_samples, random_state=args.seed).reset_index(drop=True)
+    data = TextClassificationData.from_df(df, seed=args.seed)
+    tok = load_tokenizer(args.model)
+    data.tokenize(tok, max_length=args.max_length)
+    train_ds, test_ds = data.dataset("train"), data.dataset("test")
+    collate = data.collator()
+
+    # one initial model, deep-copied for every run (same classifier-head initialisation)
+    torch.manual_seed(args.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(model_path(args.model), num_labels=data.num_labels,
+                                                              id2label=dict(data.id2label), label2id=dict(data.label2id))
+    n_params = sum(p.numel() for p in base.parameters())
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)" if device.type == "cpu" else str(device))
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+    say(f"device {dev_name}, precision {precision}, model {args.model} ({n_params/1e6:.1f}M parameters), "
+        f"train {len(train_ds):,} / test {len(test_ds):,} (dropped {n_dup} duplicate texts), batch {args.batch_size}, "
+        f"epochs {args.epochs}, lr {args.lr:g}; torch {torch.__version__}, transformers {transformers.__version__}")
+
+    # warm-up: each framework runs a few untimed steps on a throwaway copy first (kernels, allocator, lazy imports)
+    if args.warmup_steps > 0:
+        t = time.perf_counter()
+        run_learner(copy.deepcopy(base), data, tok, args, precision, device, max_steps=args.warmup_steps)
+        run_trainer(copy.deepcopy(base), train_ds, tok, args, precision, device, max_steps=args.warmup_steps)
+        say(f"warm-up: {args.warmup_steps} steps each, {time.perf_counter() - t:.1f}s")
+
+    runs, load_before = {}, _loadavg()
+    order = ("learner", "trainer") if args.order == "learner-first" else ("trainer", "learner")
+    for name in order:
+        model = copy.deepcopy(base)
+        r = (run_learner(model, data, tok, args, precision, device) if name == "learner"
+             else run_trainer(model, train_ds, tok, args, precision, device))
+        r["accuracy"] = test_accuracy(r.pop("model"), test_ds, collate, device, dtype)
+        r["samples_per_cpu_s"] = r["samples"] / r["cpu_seconds"]
+        runs[name] = r
+        say(f"{name}: {r['samples']:,} samples in {r['seconds']:.1f}s = {r['samples_per_s']:.1f} samples/s "
+            f"({r['cpu_seconds']:.1f} process CPU-s), train loss {r['train_loss']:.4f}, test accuracy {r['accuracy']:.4f}")
+        del model
+    load_after = _loadavg()
+
+    L, T = runs["learner"], runs["trainer"]
+    ratio = L["samples_per_s"] / T["samples_per_s"]
+    cpu_ratio = L["samples_per_cpu_s"] / T["samples_per_cpu_s"]
+    say("")
+    say(f"| {'':8} | {'samples/s':>10} | {'train s':>8} | {'samples/CPU-s':>13} | {'test acc':>8} |")
+    say(f"|{'-'*10}|{'-'*12}|{'-'*10}|{'-'*15}|{'-'*10}|")
+    for name, r in (("Learner", L), ("Trainer", T)):
+        say(f"| {name:8} | {r['samples_per_s']:10.1f} | {r['seconds']:8.1f} | {r['samples_per_cpu_s']:13.1f} | {r['accuracy']:8.4f} |")
+    say(f"| {'ratio':8} | {ratio:10.2f} | {'':8} | {cpu_ratio:13.2f} | {L['accuracy'] - T['accuracy']:+8.4f} |")
+    say(f"(load average before {load_before}, after {load_after}; on a shared machine a high load makes wall-clock rates noisy)")
+    if args.json:
+        import accelerate
+        out = dict(date=datetime.date.today().isoformat(), device=dev_name, model=args.model, n_params=n_params,
+                   n_train=len(train_ds), n_test=len(test_ds), batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
+                   precision=precision, seed=args.seed, order=args.order, warmup_steps=args.warmup_steps,
+                   trainer_group_by_length=args.trainer_group_by_length, torch_threads=torch.get_num_threads(),
+                   learner_samples_per_s=L["samples_per_s"], trainer_samples_per_s=T["samples_per_s"], ratio=ratio,
+                   learner_accuracy=L["accuracy"], trainer_accuracy=T["accuracy"],
+                   learner_train_s=L["seconds"], trainer_train_s=T["seconds"],
+                   learner_cpu_s=L["cpu_seconds"], trainer_cpu_s=T["cpu_seconds"], cpu_ratio=cpu_ratio,
+                   learner_train_loss=L["train_loss"], trainer_train_loss=T["train_loss"],
+                   learner_library_samples_per_s=L.get("library_samples_per_s"), trainer_train_runtime=T.get("train_runtime"),
+                   load_before=load_before, load_after=load_after,
+                   python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+                   accelerate=accelerate.__version__, numpy=np.__version__, platform=platform.platform())
+        print(json.dumps(out), flush=True)
+    return runs
+
+
+if __name__ == "__main__":
+    main()
