@@ -14,6 +14,7 @@ import copy
 import json
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -35,9 +36,12 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="runs of each mode, alternated")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for both modes (on a busy machine use 1: "
+                    "threads waiting for each other swamp what is measured)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
+    if args.threads: torch.set_num_threads(args.threads)
     out = sys.stderr if args.json else sys.stdout
 
     df = load_sample("movie_reviews").sample(args.max_samples, random_state=0)
@@ -57,8 +61,8 @@ def main(argv=None):
         for mode in ("fit", "dashboard") if r % 2 == 0 else ("dashboard", "fit"):
             learn = Learner(copy.deepcopy(base), data, HParams(lr=5e-5, batch_size=args.batch_size, epochs=args.epochs),
                             tokenizer=tok, device=args.device, progress=False)
-            if mode == "fit":
-                learn.fit()
+            if mode == "fit":                                  # in a thread too, so both modes run under the same threading
+                t = threading.Thread(target=learn.fit); t.start(); t.join()
             else:
                 dash = Dashboard(learn)
                 dash.start(); dash.thread.join()

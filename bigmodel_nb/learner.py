@@ -294,12 +294,12 @@ class _Loop:
         resume:str|Path|None=None,# a checkpoint folder to continue from
     ):
         "Train; stops cleanly on Ctrl-C or `stop()`, with a checkpoint when `out_dir` is set."
+        self._setup()
+        if resume is not None: self.load_checkpoint(resume)              # first, so the values below win over the saved ones
         if epochs is not None: self.hp.epochs = epochs
         if lr is not None: self.hp.lr = lr
-        self._setup()
-        if resume is not None: self.load_checkpoint(resume)
-        elif self.step == 0 and self.batches == 0: set_seed(self.hp.seed)
-        self._stop_requested, self.interrupted, self.error = False, False, None
+        if resume is None and self.step == 0 and self.batches == 0: set_seed(self.hp.seed)
+        self._stop_requested, self._stop_reason, self.interrupted, self.error = False, None, False, None
         self._add_default_cbs()
         previous_handler = self._install_sigint()
         self.hp._live = True
@@ -315,7 +315,7 @@ class _Loop:
         except CancelFitException:
             self._sync(check=False)
             self._call("after_cancel_fit")
-            if self._stop_requested: self._on_stopped("stop requested")
+            if self._stop_requested: self._on_stopped(getattr(self, "_stop_reason", None) or "stop requested")
         except KeyboardInterrupt:
             self._recover_mid_batch()
             self._sync(check=False)
@@ -333,7 +333,7 @@ class _Loop:
         if threading.current_thread() is not threading.main_thread(): return None
         def handler(signum, frame):
             if self._stop_requested: raise KeyboardInterrupt
-            self._stop_requested = True
+            self._stop_requested, self._stop_reason = True, "Ctrl-C"
             print("\nstopping at the end of this step (press Ctrl-C again to stop at once)", flush=True)
         try: return signal.signal(signal.SIGINT, handler)
         except ValueError: return None
@@ -589,15 +589,17 @@ class _Evaluation:
         "Label and class probabilities for each of `texts`: a list of `{'label', 'probs'}`."
         if isinstance(texts, str): texts = [texts]
         id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+        was_training = self.model.training
         self.model.eval()
         out = []
-        for s in range(0, len(texts), batch_size):
-            enc = self.tokenizer(list(texts[s:s + batch_size]), padding=True, truncation=True, return_tensors="pt",
-                                 max_length=getattr(self.data, "max_length", None))
-            probs = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)).logits.float().softmax(-1).cpu()
-            for row in probs:
-                out.append(dict(label=id2label[int(row.argmax())], probs={id2label[i]: float(p) for i, p in enumerate(row)}))
-        self.model.train()
+        try:
+            for s in range(0, len(texts), batch_size):
+                enc = self.tokenizer(list(texts[s:s + batch_size]), padding=True, truncation=True, return_tensors="pt",
+                                     max_length=getattr(self.data, "max_length", None))
+                probs = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)).logits.float().softmax(-1).cpu()
+                for row in probs:
+                    out.append(dict(label=id2label[int(row.argmax())], probs={id2label[i]: float(p) for i, p in enumerate(row)}))
+        finally: self.model.train(was_training)
         return out
 
 # %% ../nbs/04_learner.ipynb #1df97d4a
@@ -627,9 +629,11 @@ class _Checkpoints:
 
     def save_model(self, path:str|Path) -> Path:
         "The model (with its label names) and tokenizer, as a folder that `from_pretrained` loads."
+        from bigmodel_nb.models import _quiet_transformers
         path = Path(path)
-        self.model.save_pretrained(path, safe_serialization=True)
-        if self.tokenizer is not None: self.tokenizer.save_pretrained(path)
+        with _quiet_transformers():                                      # no progress bar of its own across the training bar
+            self.model.save_pretrained(path, safe_serialization=True)
+            if self.tokenizer is not None: self.tokenizer.save_pretrained(path)
         return path
 
     def save_checkpoint(self, path:str|Path|None=None) -> Path:
