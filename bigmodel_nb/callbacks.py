@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
-import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

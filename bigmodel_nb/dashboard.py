@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import math
 import pprint
 import threading
@@ -16,7 +15,6 @@ import traceback
 
 import ipywidgets as W
 
-from .core import in_notebook
 from .learner import Callback, HParams, Learner
 
 # %% auto #0
@@ -280,7 +278,6 @@ def _refresh(self, force:bool=False):
 
 def render_plot(self) -> bytes:
     "The loss, learning-rate and batch-size curves as PNG bytes."
-    import matplotlib
     from matplotlib.figure import Figure
     l = self.learn
     fig = Figure(figsize=(7.2, 4.2), dpi=90)

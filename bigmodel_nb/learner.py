@@ -5,7 +5,6 @@
 # %% ../nbs/04_learner.ipynb #09c07ecf
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import signal
 import threading
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -410,7 +410,7 @@ class _Loop:
         scaled = self.loss / self.hp.grad_accum
         if self.scaler is not None: scaled = self.scaler.scale(scaled)
         last_micro = self._micro + 1 >= self.hp.grad_accum
-        with (self.accelerator.no_sync(self.ddp_model) if self.accelerator is not None and not last_micro else _nullcontext()):
+        with (self.accelerator.no_sync(self.ddp_model) if self.accelerator is not None and not last_micro else nullcontext()):
             scaled.backward()
         self._call("after_backward")
 
@@ -506,10 +506,6 @@ class _Loop:
         if start is not None and start[0] == self.step:      # this step had not completed
             _, self.sampler.epoch, self.sampler.cursor, self.batches, self.samples_seen = start
         self._micro = 0
-
-class _nullcontext:
-    def __enter__(self): return self
-    def __exit__(self, *a): return False
 
 # %% ../nbs/04_learner.ipynb #338d6899
 def classification_metrics(logits:torch.Tensor, labels:torch.Tensor, prefix:str="valid_") -> dict:
