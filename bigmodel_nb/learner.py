@@ -383,8 +383,10 @@ class _Loop:
         self.batches += 1
         try:
             self._call("before_batch")
+            oom = False
             try: self._forward_backward(self.batch, n_global)
-            except torch.OutOfMemoryError: self._retry_smaller(n_global)
+            except torch.OutOfMemoryError: oom = True      # retry outside `except`: its traceback pins the failed activations
+            if oom: self._retry_smaller(n_global)
             self._micro += 1
             self.samples_seen += n_global
             if self._micro >= self.hp.grad_accum: self._optimizer_step()
@@ -415,18 +417,29 @@ class _Loop:
         self._call("after_backward")
 
     def _retry_smaller(self, n_global:int):
-        "Out of GPU memory: halve the batch size (logged), free memory, and redo this batch in halves."
-        self.opt.zero_grad(set_to_none=True)
-        if self.device.type == "cuda": torch.cuda.empty_cache()
-        rows = self.batch["input_ids"].shape[0]
-        if rows <= 1: raise
-        new = max(1, self.hp.batch_size // 2)
-        with self.hp._lock: self.hp._apply("batch_size", new, "out of memory")
-        warnings.warn(f"out of memory at step {self.step} with {rows} rows per batch: batch_size is now {new}, and this batch "
-                      "is redone in two halves" + (" (gradients accumulated earlier in this step were dropped)" if self._micro else ""))
-        half = rows // 2
-        for part in (slice(0, half), slice(half, rows)):
-            self._forward_backward({k: v[part] for k, v in self.batch.items()}, n_global)
+        "Out of GPU memory: halve the batch size (logged), free memory, and redo this batch in pieces that fit."
+        rows, pieces = self.batch["input_ids"].shape[0], 2
+        loss_sum, loss_n = self._loss_sum.clone(), self._loss_n.clone()
+        while True:
+            self.opt.zero_grad(set_to_none=True)
+            self.pred = self.loss = None                     # these hold the failed step's graph
+            if self.device.type == "cuda": torch.cuda.empty_cache()
+            size = -(-rows // pieces)
+            if rows <= 1 or size >= rows:
+                raise torch.OutOfMemoryError(f"out of memory at step {self.step} even with one example per batch: use a smaller "
+                                             "`max_length`, a smaller model, or a device with more memory.")
+            new = max(1, min(self.hp.batch_size // 2, size))
+            with self.hp._lock: self.hp._apply("batch_size", new, "out of memory")
+            warnings.warn(f"out of memory at step {self.step} with {rows} rows per batch: batch_size is now {new}, and this batch "
+                          f"is redone in {pieces} pieces" + (" (gradients accumulated earlier in this step were dropped)" if self._micro else ""))
+            self._loss_sum.copy_(loss_sum); self._loss_n.copy_(loss_n)
+            failed = False
+            try:
+                for start in range(0, rows, size):
+                    self._forward_backward({k: v[start:start + size] for k, v in self.batch.items()}, n_global)
+            except torch.OutOfMemoryError: failed = True
+            if not failed: return
+            pieces *= 2
 
     def _optimizer_step(self):
         "Clip, set the live learning rate and weight decay, and step; a non-finite step is skipped on the device."

@@ -245,3 +245,22 @@ def test_hparams_validate_and_refuse_frozen_changes_while_live():
         hp.epochs = 5
     hp.lr = 1e-3
     assert hp.lr == 5e-5 and hp.pending == {"lr": 1e-3}
+
+
+def test_out_of_memory_twice_keeps_halving_until_the_pieces_fit(make):
+    learn = make(dict(epochs=1, batch_size=16))
+    def limit(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > 4: raise torch.OutOfMemoryError("CUDA out of memory (simulated: no GPU here)")
+    learn.model.register_forward_pre_hook(limit, with_kwargs=True)
+    with pytest.warns(UserWarning, match="redone in 4 pieces"):
+        learn.fit()
+    assert [(c.old, c.new, c.source) for c in learn.hp.log] == [(16, 8, "out of memory"), (8, 4, "out of memory")]
+    assert learn.samples_seen == len(learn.train_ds) and math.isfinite(learn.history[-1]["train_loss"])
+
+
+def test_out_of_memory_with_one_row_is_a_clear_error(make):
+    learn = make(dict(epochs=1, batch_size=1))
+    def limit(module, args, kwargs): raise torch.OutOfMemoryError("CUDA out of memory (simulated: no GPU here)")
+    learn.model.register_forward_pre_hook(limit, with_kwargs=True)
+    with pytest.raises(torch.OutOfMemoryError, match="even with one example"):
+        learn.fit()
