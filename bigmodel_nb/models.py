@@ -117,6 +117,26 @@ def _model_source(name_or_path:str|Path) -> str:
         raise ModelNotFoundError(f"{text!r} is not a model asset; did you mean {close[0]!r}? {_what_to_pass()}")
     return text
 
+def _hub_unreachable(repo_id:str, timeout:float=3.0) -> str|None:
+    """Why the Hub cannot serve `repo_id` here, or None if it may. Without this, a machine with no route to the Hub
+    waits through the download library's retries (about 45 s) before saying so. Not checked when offline mode, a proxy
+    or a cached copy decides instead."""
+    import socket
+    from urllib.parse import urlparse
+    if any(os.environ.get(v) for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str): return None
+    except Exception: pass
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{host}:{port} cannot be reached from this machine ({e.strerror or type(e).__name__})"
+
 # %% ../nbs/03_models.ipynb #0bd959a9
 def _in_head(model:nn.Module, name:str) -> bool:
     "Whether parameter `name` lies outside the pretrained body (`model.base_model_prefix`)."
@@ -202,6 +222,10 @@ def load_classifier(
     source = _model_source(name_or_path)
     hub = not Path(source).is_dir()
     where = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+    why = _hub_unreachable(source) if hub and not where.get("local_files_only") else None
+    if why:
+        raise ModelNotFoundError(f"{source!r} is not a model asset or a local folder, and the Hugging Face Hub cannot "
+                                 f"provide it: {why}. {_what_to_pass()}")
     try:
         with _quiet_transformers(): config = AutoConfig.from_pretrained(source, **where)
     except (OSError, ValueError) as e:

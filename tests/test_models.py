@@ -2,6 +2,7 @@
 import math
 import re
 import shutil
+import time
 import warnings
 
 import pytest
@@ -324,3 +325,15 @@ def test_measurement_leaves_the_model_unchanged(tiny):
     assert not model.training and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_unreachable_hub_fails_fast_with_the_reason(monkeypatch):
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")          # nothing listens there: connection refused
+    t0 = time.perf_counter()
+    with pytest.raises(M.ModelNotFoundError, match=r"127\.0\.0\.1:9 cannot be reached"):
+        M.load_classifier("no-such-org/no-such-model")
+    assert time.perf_counter() - t0 < 10
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")                        # offline mode: the download library decides, at once
+    assert M._hub_unreachable("no-such-org/no-such-model") is None
