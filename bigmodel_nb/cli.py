@@ -306,7 +306,7 @@ def _finetune(args) -> int:
               file=args.stdout, flush=True)
     return 0
 
-# %% ../nbs/12_cli.ipynb #88281863
+# %% ../nbs/12_cli.ipynb #56bc68a7
 def _max_length(value:int|None, tokenizer) -> int:
     "`value`, else the model's own limit (at most 512 tokens)."
     if value: return value
@@ -331,18 +331,18 @@ def _cmd_evaluate(args) -> int:
     learn = Learner(model, data, HParams(batch_size=args.batch_size), tokenizer=tok, progress=False, device=args.device)
     _say(f"evaluating {args.model} on {'all' if args.split == 'all' else 'the ' + args.split} rows of {source} ({learn.device})")
     t = time.perf_counter()
-    if args.split == "all":
-        import torch
-        parts = [learn.get_preds(s) for s in data.splits]
-        metrics = classification_metrics(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), prefix="")
-        n = sum(len(p[1]) for p in parts)
-    else: metrics, n = learn.evaluate(args.split), len(data.dataset(args.split))
+    import torch
+    parts = [learn.get_preds(s) for s in (data.splits if args.split == "all" else [args.split])]
+    logits, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    metrics, n = classification_metrics(logits, labels, prefix=""), len(labels)
     seconds = time.perf_counter() - t
     result = dict(accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"], loss=metrics["loss"], split=args.split, n_test=n,
                   samples_per_s=n / seconds, wall_time_s=time.perf_counter() - t0, model=str(args.model), data=str(source))
     if args.json: print(json.dumps(result), file=args.stdout, flush=True)
     else:
         print(_metrics_table({args.split: dict(rows=n, **{k: metrics[k] for k in ("loss", "accuracy", "f1_macro")})}), file=args.stdout)
+        from bigmodel_nb.metrics import EvalReport
+        print("\n" + EvalReport.from_logits(labels, logits, data.classes).report, file=args.stdout, end="")
         print(f"\nevaluated {n:,} rows in {_duration(seconds)} ({result['samples_per_s']:.0f} samples/s)", file=args.stdout, flush=True)
     return 0
 

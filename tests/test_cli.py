@@ -88,8 +88,11 @@ def test_evaluate_scores_the_rows_finetune_held_out(trained, reviews_csv, capsys
                                  "--label-col", "sentiment", "--split", "all", "--json")
     assert code == 0, err
     assert json.loads(stdout)["n_test"] == 120 and json.loads(stdout)["split"] == "all"
-    code, stdout, err = run_main(capsys, "evaluate", "--model", out)             # the human-readable table
+    code, stdout, err = run_main(capsys, "evaluate", "--model", out)             # the human-readable table and per-class report
     assert code == 0 and "accuracy" in stdout and "evaluated 12 rows" in stdout
+    per_class = {l.split()[0]: l.split()[1:] for l in stdout.splitlines() if l.strip().startswith(("negative", "positive"))}
+    assert set(per_class) == {"negative", "positive"} and sum(int(v[-1]) for v in per_class.values()) == 12   # supports add up
+    assert "macro avg" in stdout and "weighted avg" in stdout
 
 
 def test_predict_prints_one_json_line_per_text(trained, tmp_path, capsys):
