@@ -234,7 +234,7 @@ def _buttons_for(self, state:str):
 
 Dashboard._serve_requests, Dashboard._do, Dashboard._show_error, Dashboard._buttons_for = _serve_requests, _do, _show_error, _buttons_for
 
-# %% ../nbs/07_dashboard.ipynb #f97e0be9
+# %% ../nbs/07_dashboard.ipynb #a2c88eee
 def _progress(self):
     now = time.monotonic()
     if now - self._last_progress < 0.2: return                    # a widget message per batch is wasted on a fast GPU
@@ -276,8 +276,13 @@ def _refresh(self, force:bool=False):
         self._last_draw = time.monotonic()
         self._draw_cost = 0.7 * self._draw_cost + 0.3 * (self._last_draw - now)
 
+_DRAWING = threading.Lock()   # matplotlib's text layout is not thread-safe: one figure at a time, whichever thread draws
+
 def render_plot(self) -> bytes:
     "The loss, learning-rate and batch-size curves as PNG bytes."
+    with _DRAWING: return _draw(self)
+
+def _draw(self) -> bytes:
     from matplotlib.figure import Figure
     l = self.learn
     fig = Figure(figsize=(7.2, 4.2), dpi=90)

@@ -150,6 +150,22 @@ def test_plot_and_replay_script(dash_for, tiny_bert_dir, movie_data):
     assert ns["hp"].lr == learn.hp.lr and ns["hp"].epochs == 1
 
 
+
+
+def test_plot_drawn_from_two_threads_at_once(dash_for):
+    "A control's handler (main thread) and the panel callback (training thread) may draw together: matplotlib's text layout is not thread-safe."
+    import threading
+    d, learn, _ = dash_for(epochs=1)
+    d.start(); d.thread.join(60)
+    errors = []
+    def draw():
+        for _ in range(6):
+            try: d.render_plot()
+            except Exception as e: errors.append(e)
+    threads = [threading.Thread(target=draw) for _ in range(3)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert errors == []
 def test_dashboard_under_ipywidgets_7(tmp_path, tiny_bert_dir):
     "Colab ships ipywidgets 7: run a short steered training with the 7.x package first on the path."
     target = tmp_path / "ipyw7"
