@@ -552,22 +552,28 @@ class _Evaluation:
         try:
             while True:
                 sampler = SortedBatchSampler(ds.lengths, bs)
+                batches = list(sampler)
                 try:
                     outs = []
-                    for idx in sampler:
+                    for idx in batches[self.rank::self.world]:     # several processes: each evaluates every world-th batch
                         b = self.collate([ds[i] for i in idx])
                         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
                             out = self.model(input_ids=b["input_ids"].to(self.device), attention_mask=b["attention_mask"].to(self.device))
-                        outs.append(out.logits.float())
+                        outs.append(out.logits.float().cpu())
                     break
                 except torch.OutOfMemoryError:
                     outs = None
-                    if bs == 1: raise
+                    if bs == 1 or self.world > 1: raise            # ranks must agree on the batches: no retry alone
                     bs //= 2
                     if self.device.type == "cuda": torch.cuda.empty_cache()
                     warnings.warn(f"out of memory while evaluating; evaluation batches now hold {bs} examples")
                     if batch_size is None: self._eval_batch_size = bs
-            logits = sampler.unsort(torch.cat(outs).cpu())
+            self.eval_rows = sum(len(o) for o in outs)               # rows this process computed
+            if self.world > 1:                                       # every process gets every row, in batch order
+                parts = [None] * self.world
+                torch.distributed.all_gather_object(parts, outs)
+                outs = [parts[k % self.world][k // self.world] for k in range(len(batches))]
+            logits = sampler.unsort(torch.cat(outs)) if outs else torch.empty(0, self.data.num_labels)
         finally: self.model.train(was_training)
         return logits, torch.as_tensor(ds.labels, dtype=torch.long)
 

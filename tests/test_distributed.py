@@ -162,3 +162,10 @@ def test_two_processes_match_one(tiny_bert, tmp_path):
     assert moved > 1e-2, f"training hardly moved the weights (max {moved:.3g}): the comparison would prove nothing"
     assert diffs[worst] <= ATOL, f"2-process weights differ from the 1-process run by {diffs[worst]:.3g} in {worst} (> {ATOL})"
     assert diffs[worst] <= 1e-3 * moved
+
+    # evaluation is sharded too: each process computes about half the rows, and every process ends with all of them
+    n = isg["n_train"]
+    assert isg["eval_rows"] == n and i0["eval_rows"] + i1["eval_rows"] == n and min(i0["eval_rows"], i1["eval_rows"]) > 0
+    assert i0["eval_logits"] == i1["eval_logits"] and len(i0["eval_logits"]) == n
+    gap = (torch.tensor(i0["eval_logits"]) - torch.tensor(isg["eval_logits"])).abs().max().item()
+    assert gap <= 1e-4, f"gathered logits differ from the single process's by {gap:.3g}"

@@ -7,7 +7,8 @@ process writes, under `--out`:
 - `rank{RANK}.safetensors`: its final weights (`learn.model.state_dict()`, the unwrapped model);
 - `rank{RANK}.json`: world size, rank, the wrapper's class, steps, samples, and for every batch the
   shape of its local share and the summed cross-entropy of that share (to check the sharding), and for
-  every optimizer step the gradient norm before clipping (to check the loss scaling).
+  every optimizer step the gradient norm before clipping (to check the loss scaling), and the logits of
+  `get_preds` on the training rows with the number of rows this process computed (to check sharded evaluation).
 """
 import argparse
 import json
@@ -64,6 +65,7 @@ def main(argv=None):
     rec = Record()
     learn = Learner(model, data, hp, tokenizer=tok, cbs=[rec], progress=False, device="cpu")
     learn.fit()
+    logits, _ = learn.get_preds("train")       # sharded across the processes, then gathered on each
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,6 +75,7 @@ def main(argv=None):
                 wrapper=type(learn.ddp_model).__name__, device=str(learn.device), steps=learn.step,
                 samples_seen=learn.samples_seen, n_train=len(learn.train_ds), train_loss=learn.train_loss,
                 batch_size=args.batch_size, batches=rec.batches, grad_norms=rec.grad_norms,
+                eval_rows=learn.eval_rows, eval_logits=logits.tolist(),
                 backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else None)
     (out / f"rank{learn.rank}.json").write_text(json.dumps(info, indent=1))
     if torch.distributed.is_initialized():
