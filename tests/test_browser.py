@@ -71,7 +71,9 @@ learn = Learner(AutoModelForSequenceClassification.from_pretrained({str(tiny_ber
                 HParams(lr=1e-4, batch_size=16, epochs=200), device="cpu", progress=False, cbs=[Slow()])
 dash = Dashboard(learn, lr_range=(1e-6, 1e-2))
 dash""".strip()
-    cells = [setup, "dash.start()", "print('LR=%r LOG=%s STEP=%d' % (learn.hp.lr, [str(c) for c in learn.hp.log], learn.step))"]
+    cells = [setup, "dash.start()", ("import time\n_t = time.time()\n"     # changes apply at the next batch boundary: on a loaded machine, wait for it
+             "while (learn.hp.pending or learn.hp.lr < 1.5e-4) and time.time() - _t < 120: time.sleep(0.2)\n"
+             "print('LR=%r LOG=%s STEP=%d' % (learn.hp.lr, [str(c) for c in learn.hp.log], learn.step))")]
     nb = {"cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [],
                      "source": src} for i, src in enumerate(cells)],
           "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
@@ -115,7 +117,7 @@ def test_dashboard_lr_slider_in_jupyterlab(lab, tiny_bert_dir):
 
             third = run_cell(2)
             out = third.locator(".jp-OutputArea-output")
-            out.get_by_text(re.compile("LR=")).wait_for(timeout=60_000)
+            out.get_by_text(re.compile("LR=")).wait_for(timeout=150_000)
             text = out.inner_text()
         finally:
             browser.close()
