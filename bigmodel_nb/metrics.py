@@ -31,12 +31,12 @@ __all__ = ['Threshold', 'MetricsError', 'class_ids', 'check_predictions', 'Tfidf
            'plot_pr_curve', 'plot_history', 'check_split', 'evaluate', 'tfidf_baseline', 'compare', 'stratified_folds',
            'subset', 'RunScores', 'cross_validate', 'multi_seed']
 
-# %% ../nbs/06_metrics.ipynb #fd179146
+# %% ../nbs/06_metrics.ipynb #2b4400c2
 class MetricsError(ValueError):
     "Predictions or labels that cannot be scored as given; the message says what is wrong, where, and what to do."
 
 def _where(mask:np.ndarray, limit:int=5) -> str:
-    "'positions 3, 8 and 12' for the True entries of `mask` (0-based)."
+    "'positions 3, 8, 12' for the True entries of `mask` (0-based; the first `limit`, then how many more)."
     pos = np.flatnonzero(mask).tolist()
     shown = ", ".join(map(str, pos[:limit])) + (f" and {len(pos) - limit:,} more" if len(pos) > limit else "")
     return f"position{'s' if len(pos) > 1 else ''} {shown}"
@@ -573,7 +573,7 @@ def _report_plot(self, bins:int=10, buckets:int=4):
 
 EvalReport.plot_history, EvalReport.plot = _report_plot_history, _report_plot
 
-# %% ../nbs/06_metrics.ipynb #33123876
+# %% ../nbs/06_metrics.ipynb #c476ddae
 def _split_name(split) -> str:
     name = SPLIT_ALIASES.get(str(split).strip().lower())
     if name is None: raise MetricsError(f"split={split!r} is not a split name: use 'train', 'valid' or 'test'.")
@@ -628,7 +628,8 @@ def evaluate(
     if hasattr(obj, "get_preds") and hasattr(obj, "data"):
         learn = obj
         if data is not None and data is not obj.data:
-            if not hasattr(obj, "model"): raise MetricsError(f"a {type(obj).__name__} predicts only its own data; make a new one on the other data.")
+            if not isinstance(getattr(obj, "model", None), torch.nn.Module):
+                raise MetricsError(f"a {type(obj).__name__} predicts only its own data; make a new one on the other data.")
             learn = _learner_for(obj.model, data, tokenizer or getattr(obj, "tokenizer", None), batch_size, obj.device)
     else:
         if data is None: raise MetricsError("evaluating a bare model needs data=... (a TextClassificationData, an asset name or a file).")
@@ -659,7 +660,7 @@ def tfidf_baseline(
     check_split(data, split)
     return evaluate(TfidfClassifier(data, **kwargs).fit(), split=split, name=name)
 
-# %% ../nbs/06_metrics.ipynb #047c6c62
+# %% ../nbs/06_metrics.ipynb #e5fb10e9
 def compare(reports:dict|Sequence[EvalReport]) -> pd.DataFrame:
     "One row per model with its summary numbers; warns when the reports did not score the same examples."
     if not isinstance(reports, dict): reports = {r.name: r for r in reports}
@@ -674,7 +675,7 @@ def compare(reports:dict|Sequence[EvalReport]) -> pd.DataFrame:
     table.index.name = "model"
     return table
 
-# %% ../nbs/06_metrics.ipynb #c0bba7bf
+# %% ../nbs/06_metrics.ipynb #571e9399
 def stratified_folds(
     label_ids:Sequence[int],  # class id of each example
     k:int=5,                  # number of folds
