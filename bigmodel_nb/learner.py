@@ -559,7 +559,7 @@ class _Evaluation:
                         b = self.collate([ds[i] for i in idx])
                         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
                             out = self.model(input_ids=b["input_ids"].to(self.device), attention_mask=b["attention_mask"].to(self.device))
-                        outs.append(out.logits.float().cpu())
+                        outs.append(out.logits.float())             # stays on the device: one copy at the end
                     break
                 except torch.OutOfMemoryError:
                     outs = None
@@ -569,11 +569,13 @@ class _Evaluation:
                     warnings.warn(f"out of memory while evaluating; evaluation batches now hold {bs} examples")
                     if batch_size is None: self._eval_batch_size = bs
             self.eval_rows = sum(len(o) for o in outs)               # rows this process computed
-            if self.world > 1:                                       # every process gets every row, in batch order
+            local = torch.cat(outs).cpu() if outs else torch.empty(0, self.data.num_labels)
+            if self.world > 1 and batches:                           # every process gets every row, in batch order
                 parts = [None] * self.world
-                torch.distributed.all_gather_object(parts, outs)
-                outs = [parts[k % self.world][k // self.world] for k in range(len(batches))]
-            logits = sampler.unsort(torch.cat(outs)) if outs else torch.empty(0, self.data.num_labels)
+                torch.distributed.all_gather_object(parts, (local, [len(o) for o in outs]))
+                pieces = [list(t.split(sizes)) for t, sizes in parts]
+                local = torch.cat([pieces[k % self.world][k // self.world] for k in range(len(batches))])
+            logits = sampler.unsort(local) if len(local) else local
         finally: self.model.train(was_training)
         return logits, torch.as_tensor(ds.labels, dtype=torch.long)
 

@@ -180,11 +180,16 @@ def test_many_nan_steps_stop_with_a_clear_error(make):
     assert learn.step == 5 and same(poison.good, params(learn)) and learn.error is not None
 
 
+def limit_rows(learn, rows):
+    "Simulate a GPU that runs out of memory on any forward pass with more than `rows` rows (no GPU here)."
+    def hook(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > rows: raise torch.OutOfMemoryError("CUDA out of memory (simulated: no GPU here)")
+    learn.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def test_out_of_memory_halves_the_batch_and_loses_nothing(make):
     learn = make(dict(epochs=1, batch_size=16))
-    def limit(module, args, kwargs):
-        if kwargs["input_ids"].shape[0] > 8: raise torch.OutOfMemoryError("CUDA out of memory (simulated: no GPU here)")
-    learn.model.register_forward_pre_hook(limit, with_kwargs=True)
+    limit_rows(learn, 8)
     with pytest.warns(UserWarning, match="out of memory"):
         learn.fit()
     assert learn.hp.batch_size == 8
@@ -249,9 +254,7 @@ def test_hparams_validate_and_refuse_frozen_changes_while_live():
 
 def test_out_of_memory_twice_keeps_halving_until_the_pieces_fit(make):
     learn = make(dict(epochs=1, batch_size=16))
-    def limit(module, args, kwargs):
-        if kwargs["input_ids"].shape[0] > 4: raise torch.OutOfMemoryError("CUDA out of memory (simulated: no GPU here)")
-    learn.model.register_forward_pre_hook(limit, with_kwargs=True)
+    limit_rows(learn, 4)
     with pytest.warns(UserWarning, match="redone in 4 pieces"):
         learn.fit()
     assert [(c.old, c.new, c.source) for c in learn.hp.log] == [(16, 8, "out of memory"), (8, 4, "out of memory")]
@@ -260,7 +263,6 @@ def test_out_of_memory_twice_keeps_halving_until_the_pieces_fit(make):
 
 def test_out_of_memory_with_one_row_is_a_clear_error(make):
     learn = make(dict(epochs=1, batch_size=1))
-    def limit(module, args, kwargs): raise torch.OutOfMemoryError("CUDA out of memory (simulated: no GPU here)")
-    learn.model.register_forward_pre_hook(limit, with_kwargs=True)
+    limit_rows(learn, 0)
     with pytest.raises(torch.OutOfMemoryError, match="even with one example"):
         learn.fit()
