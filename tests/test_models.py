@@ -123,6 +123,12 @@ def test_tiny_architectures_load(tiny, arch):
     assert head and all(n in new[0] for n in head)
 
 
+def test_new_head_warning_names_the_callers_line(tiny):
+    with pytest.warns(M.NewHeadWarning) as rec:
+        M.load_classifier(tiny["bert"], labels=["a", "b"])
+    assert [w.filename for w in rec] == [__file__]
+
+
 def test_placeholder_max_length_falls_back_to_positions(tiny):
     raw = PreTrainedTokenizerFast.from_pretrained(tiny["roberta"])
     assert raw.model_max_length > 1e20                                   # the tokenizer says "no limit"
