@@ -447,7 +447,7 @@ def length_table(report:EvalReport, buckets:int=4) -> pd.DataFrame:
 
 EvalReport.length_table = length_table
 
-# %% ../nbs/06_metrics.ipynb #0f82cf13
+# %% ../nbs/06_metrics.ipynb #0e9ed6a2
 def _ax(ax, size=(4.5, 3.8)):
     if ax is not None: return ax
     import matplotlib.pyplot as plt
@@ -501,7 +501,7 @@ def plot_pr_curve(self, ax=None, pos_label=None, threshold:float|None=None):
     ax = _ax(ax)
     c, half = self.pr_curve(pos_label), self.at_threshold(0.5, pos_label)
     if threshold is None: mark, what = self.best_threshold(pos_label=pos_label), "best F1"
-    else: mark, what = self.at_threshold(threshold, pos_label), "given t: F1"     # e.g. chosen on the valid split
+    else: mark, what = self.at_threshold(threshold, pos_label), "given threshold: F1"    # e.g. chosen on the valid split
     ax.plot(c.recall, c.precision, label=self.name)
     ax.plot([mark.recall], [mark.precision], "o", color="C3", label=f"{what} {mark.f1:.3f} at t={mark.threshold:.2f}")
     ax.plot([half.recall], [half.precision], "s", color="C2", label=f"t=0.5: F1 {half.f1:.3f}")
