@@ -1,6 +1,8 @@
 "Core behaviour that a notebook cannot show: fresh processes, environment variables, the console script."
 import json
 import subprocess
+import sys
+import types
 
 import pytest
 import torch
@@ -69,10 +71,9 @@ def test_env_command_bad_device_exits_2_without_traceback():
 
 
 def test_warn_names_the_first_line_outside_the_package_even_through_decorators():
-    import types
     fake = types.ModuleType("bigmodel_nb._fake")                         # code that belongs to the package
     exec("import torch\n@torch.no_grad()\ndef inner(warn): warn('from inside', DeprecationWarning)\n"
          "def outer(warn): return inner(warn)", fake.__dict__)
     with pytest.warns(DeprecationWarning) as rec:
-        fake.outer(core.warn); line = __import__("sys")._getframe().f_lineno
+        fake.outer(core.warn); line = sys._getframe().f_lineno
     assert [(w.filename, w.lineno) for w in rec] == [(__file__, line)]
