@@ -15,7 +15,7 @@ from bigmodel_nb.assets import load_sample
 from bigmodel_nb.core import get_device
 from bigmodel_nb.data import TextClassificationData
 from bigmodel_nb.learner import Callback, HParams, Learner
-from bigmodel_nb.models import load_classifier, _quiet_transformers
+from bigmodel_nb.models import load_classifier, quiet_transformers
 
 
 class Window(Callback):
@@ -38,7 +38,7 @@ class Window(Callback):
 
 
 def run(data, tok, device, batch_size, skip, n, prof=None):
-    with _quiet_transformers(): model, _ = load_classifier("minilm", data)
+    with quiet_transformers(): model, _ = load_classifier("minilm", data)
     learn = Learner(model, data, HParams(epochs=50, lr=5e-5, batch_size=batch_size), device=device, progress=False,
                     keep_good_copy=False)
     w = Window(skip, n, prof)
@@ -58,7 +58,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     device = get_device(a.device)
     data = TextClassificationData.from_df(load_sample("movie_reviews"), on_invalid="drop")
-    with _quiet_transformers(): _, tok = load_classifier("minilm", data)
+    with quiet_transformers(): _, tok = load_classifier("minilm", data)
     data.tokenize(tok, max_length=a.max_length)
     out = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), torch=torch.__version__)
     rows = []

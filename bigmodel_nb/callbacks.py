@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import in_notebook
-from .learner import CancelFitException, Callback, Learner
+from .core import atomic_write, cpu_state_dict, in_notebook
+from .events import CancelFitException, Callback
+from .metrics import is_better, metrics_for
 
 # %% auto #0
 __all__ = ['ProgressCallback', 'CSVLogger', 'KeepBest', 'EarlyStopping', 'CheckpointEvery', 'LRFindResult', 'lr_find']
@@ -24,8 +26,6 @@ def _fmt_cell(v) -> str:
     if isinstance(v, float): return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
     return str(v)
 
-_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_accuracy", "valid_f1_macro", "samples_per_s", "time")
-
 class ProgressCallback(Callback):
     "A progress bar over all training examples plus a per-epoch metrics table (HTML in notebooks, text in terminals)."
     order = 90
@@ -33,6 +33,8 @@ class ProgressCallback(Callback):
 
     def before_fit(self):
         self.bar, self.handle = None, None
+        self.columns = (["epoch", "train_loss"] + [f"valid_{m.name}" for m in metrics_for(self.learn.task, headline=True)]
+                        + ["samples_per_s", "time"])
         if not self.learn.is_main: return
         from tqdm.auto import tqdm
         learn = self.learn
@@ -60,7 +62,7 @@ class ProgressCallback(Callback):
         self._print_row(self.learn.history[-1], first=len(self.learn.history) == 1)
 
     def _print_row(self, row, first):
-        cols = [c for c in _COLUMNS if c in row]
+        cols = [c for c in self.columns if c in row]
         if self.notebook:
             from IPython.display import HTML, display
             head = "".join(f"<th>{c}</th>" for c in cols)
@@ -79,11 +81,9 @@ class ProgressCallback(Callback):
 # %% ../nbs/05_callbacks.ipynb #6f0bcbe8
 def _write_csv(path:Path, rows:list):
     if not rows: return
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols); w.writeheader(); w.writerows(rows)
-    tmp.replace(path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r))); w.writeheader(); w.writerows(rows)
+    atomic_write(path, buf.getvalue())
 
 class CSVLogger(Callback):
     "Write `history.csv` (per epoch) and `steps.csv` (per sync) into `folder` (default: the learner's `out_dir`)."
@@ -98,10 +98,6 @@ class CSVLogger(Callback):
     after_fit = after_cancel_fit = after_epoch
 
 # %% ../nbs/05_callbacks.ipynb #72ed74ff
-def _better(monitor:str, new:float, best:float|None, min_delta:float=0.0) -> bool:
-    if best is None or math.isnan(best): return not math.isnan(new)
-    return new < best - min_delta if monitor.endswith("loss") else new > best + min_delta
-
 class KeepBest(Callback):
     "Keep the weights with the best `monitor` value and restore them when training ends."
     order = 60
@@ -110,9 +106,9 @@ class KeepBest(Callback):
     def after_validate(self):
         value = self.learn.metrics.get(self.monitor)
         if value is None: raise ValueError(f"KeepBest watches {self.monitor!r}, but evaluation reports {', '.join(self.learn.metrics)}.")
-        if _better(self.monitor, value, self.best):
+        if is_better(self.monitor, value, self.best):
             self.best, self.best_epoch = value, self.learn.epoch + 1
-            self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.learn.model.state_dict().items()}
+            self.state = cpu_state_dict(self.learn.model)
 
     def after_fit(self):
         if self.state is None: return
@@ -131,7 +127,7 @@ class EarlyStopping(Callback):
     def after_validate(self):
         value = self.learn.metrics.get(self.monitor)
         if value is None: raise ValueError(f"EarlyStopping watches {self.monitor!r}, but evaluation reports {', '.join(self.learn.metrics)}.")
-        if _better(self.monitor, value, self.best, self.min_delta): self.best, self.wait = value, 0
+        if is_better(self.monitor, value, self.best, self.min_delta): self.best, self.wait = value, 0
         else:
             self.wait += 1
             if self.wait >= self.patience:
@@ -192,7 +188,7 @@ class _Sweep(Callback):
             raise CancelFitException()
 
 def lr_find(
-    learn:Learner,
+    learn,                 # a `Learner`
     start_lr:float=1e-7,   # first learning rate of the sweep
     end_lr:float=1.0,      # last learning rate of the sweep
     num_steps:int=100,     # optimizer steps in the sweep
@@ -201,30 +197,21 @@ def lr_find(
     plot:bool=True,        # draw the curve
 ) -> LRFindResult:
     "Sweep the learning rate exponentially, record the loss, suggest a peak learning rate; leaves `learn` as it was."
-    from bigmodel_nb.learner import _rng_state, _set_rng_state
-    learn._setup()
-    saved = dict(model={k: v.detach().clone() for k, v in learn.model.state_dict().items()},
-                 opt=_clone(learn.opt.state_dict()), sampler=learn.sampler.state_dict(), rng=_rng_state(),
-                 torch_rng=torch.get_rng_state(), hp=learn.hp.to_dict(),
-                 attrs={k: getattr(learn, k) for k in ("step", "epoch", "batches", "samples_seen", "history", "log", "cbs",
-                                                       "out_dir", "max_bad_steps", "train_loss", "lr_now", "metrics",
-                                                       "skipped_steps", "valid_ds", "_no_default_cbs")})
+    learn.prepare()
+    saved = learn.state_dict()           # every registered state: weights, optimizer, sampler, random generators, history, ...
+    attrs = {k: getattr(learn, k) for k in ("cbs", "out_dir", "max_bad_steps", "metrics", "valid_ds", "default_cbs")}
     lrs = list(np.geomspace(start_lr, end_lr, num_steps))
     sweep = _Sweep(lrs, beta, stop_div)
     steps_per_epoch = math.ceil(len(learn.train_ds) / (learn.hp.batch_size * learn.world)) / learn.hp.grad_accum
     try:
-        learn.cbs, learn.out_dir, learn.max_bad_steps, learn.valid_ds, learn._no_default_cbs = [], None, num_steps + 1, None, True
+        learn.cbs, learn.out_dir, learn.max_bad_steps, learn.valid_ds, learn.default_cbs = [], None, num_steps + 1, None, False
         learn.history, learn.log = [], []
         learn.add_cb(sweep)
-        with learn.hp._lock: learn.hp._values["epochs"] = learn.epoch + math.ceil(num_steps / max(steps_per_epoch, 1)) + 1
+        learn.hp.set(epochs=learn.epoch + math.ceil(num_steps / max(steps_per_epoch, 1)) + 1, source="lr_find")
         learn.fit()
     finally:
-        learn.model.load_state_dict(saved["model"])
-        learn.opt.load_state_dict(saved["opt"])
-        learn.sampler.load_state_dict(saved["sampler"])
-        _set_rng_state(saved["rng"]); torch.set_rng_state(saved["torch_rng"])
-        learn.hp._restore(saved["hp"])
-        for k, v in saved["attrs"].items(): setattr(learn, k, v)
+        learn.load_state_dict(saved)
+        for k, v in attrs.items(): setattr(learn, k, v)
     n = len(sweep.smoothed)
     if n < 3: raise RuntimeError(f"the sweep stopped after {n} steps; use a smaller start_lr or more data.")
     lr_used, sm = np.array(lrs[:n]), np.array(sweep.smoothed)
@@ -238,9 +225,3 @@ def lr_find(
     learn.lr_suggestion = res.suggestion
     if plot: res.plot()
     return res
-
-def _clone(obj):
-    if torch.is_tensor(obj): return obj.detach().clone()
-    if isinstance(obj, dict): return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, list): return [_clone(v) for v in obj]
-    return obj

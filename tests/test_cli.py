@@ -150,14 +150,14 @@ BAD = {  # what is wrong: (arguments, a phrase the message must hold)
     "unknown data":     (["finetune", "--data", "movie_reveiws"], "neither a file nor a dataset asset"),
     "model as data":    (["finetune", "--data", "minilm"], "is a model asset"),
     "bad precision":    (["finetune", "--precision", "fp8"], "invalid choice: 'fp8'"),
-    "zero epochs":      (["finetune", "--epochs", "0"], "must be more than 0"),
+    "zero epochs":      (["finetune", "--epochs", "0"], "must be a whole number >= 1"),
     "out in use":       (["finetune", "--data", "{csv}", "--out", "{bad}/busy"], "already holds files"),
     "no checkpoint":    (["finetune", "--resume", "{bad}/busy"], "no checkpoint"),
     "other labels":     (["evaluate", "--model", "{run}", "--data", "{bad}/spam.csv"], "trained for the labels ['negative', 'positive']"),
     "no such split":    (["evaluate", "--model", "{run}", "--data", "{bad}/split.csv"], "the data has no 'test' rows"),
     "no texts":         (["predict", "--model", "{run}"], "give the texts as arguments or with --file"),
     "no such --file":   (["predict", "--model", "{run}", "--file", "{bad}/nothing.txt"], "no such file"),
-    "untrained head":   (["predict", "--model", "minilm", "some text"], "no trained classification head"),
+    "untrained head":   (["predict", "--model", "minilm", "some text"], "has no trained head"),
 }
 
 
@@ -223,7 +223,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_bert_dir, re
     assert proc.returncode == 130, stderr[-3000:]
     assert stdout == "" and "Traceback" not in stderr
     assert f"bigmodel-nb finetune --resume {out / 'checkpoint'}" in stderr
-    state = json.loads((out / "checkpoint" / "training_state" / "state.json").read_text())
+    from bigmodel_nb.learner import checkpoint_progress
+    state = checkpoint_progress(out / "checkpoint")
     assert 6 <= state["step"] < 18 and cli.read_run(out)["status"] == "interrupted"
 
     code, _, err = run_main(capsys, "finetune", "--resume", out / "checkpoint", "--lr", "0.1")

@@ -270,7 +270,7 @@ def test_every_source_gives_the_same_examples(tmp_path):
               TCD.from_csv(tmp_path / "d.tsv", names=["text", "label"]),
               TCD.load(tmp_path / "d.jsonl"),
               TCD.load(texts, labels=labels)]
-    cols = ["text", "label", "label_id", "split"]
+    cols = ["text", "label", "target", "split"]
     for o in others: assert o.df[cols].equals(ref.df[cols])
     assert others[2].rows[:2] == [2, 3] and others[3].rows[:2] == [1, 2]   # file line numbers, with and without a header
 
@@ -295,7 +295,7 @@ def test_labels_ints_strings_floats_and_config():
     floats = TCD.from_df(pd.DataFrame({"text": texts, "label": [1.0, 0.0] * 5}))
     assert floats.label2id == {0: 0, 1: 1}
     named = TCD.from_lists(texts, ["pos", "neg"] * 5, classes=["pos", "neg"])
-    assert named.id2label == {0: "pos", 1: "neg"} and named.df.label_id.tolist() == [0, 1] * 5
+    assert named.id2label == {0: "pos", 1: "neg"} and named.df.target.tolist() == [0, 1] * 5
     cfg = BertConfig(**named.config_kwargs)
     assert cfg.id2label == {0: "pos", 1: "neg"} and cfg.label2id == {"pos": 0, "neg": 1} and cfg.num_labels == 2
 
@@ -532,7 +532,7 @@ def test_tokens_match_the_tokenizer_and_need_a_tokenizer_first(tok):
     for i in range(len(d)):
         assert d.token_ids(i).tolist() == tok(d.df.text[i])["input_ids"]
     item = d.dataset("valid")[0]
-    assert set(item) == {"input_ids", "label"} and item["label"] == d.df.label_id[d.split_index("valid")[0]]
+    assert set(item) == {"input_ids", "label"} and item["label"] == d.df.target[d.split_index("valid")[0]]
 
 
 # ---------------------------------------------------------------------------------------------------

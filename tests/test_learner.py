@@ -148,7 +148,8 @@ def test_ctrl_c_stops_at_a_step_boundary_and_saves(tiny_bert_dir, tmp_path):
     done = [l for l in out.splitlines() if l.startswith("done")][0].split()
     assert done[2] == "True" and "checkpoint saved to" in out and "resume=" in out
     import json
-    state = json.loads((tmp_path / "run" / "checkpoint" / "training_state" / "state.json").read_text())
+    from bigmodel_nb.learner import checkpoint_progress
+    state = checkpoint_progress(tmp_path / "run" / "checkpoint")
     assert state["step"] == int(done[1])
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "checkpoint")
     assert set(model.config.label2id) == {"positive", "negative"}
@@ -237,7 +238,7 @@ def test_checkpoint_is_a_transformers_folder_and_survives_a_cut_save(make, tmp_p
 
 
 def test_label_count_mismatch_is_explained(make):
-    with pytest.raises(ValueError, match="3 outputs but the data has 2 classes"):
+    with pytest.raises(ValueError, match="3 outputs but the data needs 2 classes"):
         make(num_labels=3)
 
 

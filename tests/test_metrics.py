@@ -12,10 +12,11 @@ import torch
 from sklearn import metrics as skm
 from transformers import AutoModelForSequenceClassification
 
+from bigmodel_nb.evaluation import (RunScores, TfidfClassifier, cross_validate, evaluate, multi_seed, stratified_folds,
+                                    tfidf_baseline)
 from bigmodel_nb.learner import HParams, Learner
-from bigmodel_nb.metrics import (EvalReport, MetricsError, RunScores, TfidfClassifier, best_threshold, compare, cross_validate,
-                                 evaluate, expected_calibration_error, multi_seed, plot_history, pr_curve, stratified_folds,
-                                 tfidf_baseline)
+from bigmodel_nb.metrics import (EvalReport, MetricsError, best_threshold, compare, expected_calibration_error, plot_history,
+                                 pr_curve)
 
 
 def dirichlet_case(n=400, k=4, seed=0, drop_class=3):
@@ -54,11 +55,13 @@ def test_metrics_equal_sklearn(case):
     np.testing.assert_allclose(r.per_class.f1, f); np.testing.assert_array_equal(r.per_class.support, s)
     for how in ("macro", "weighted"):
         np.testing.assert_allclose(r.averages.loc[how], skm.precision_recall_fscore_support(y, pred, labels=range(k), average=how, zero_division=0)[:3])
-    assert r.macro_f1 == pytest.approx(skm.f1_score(y, pred, labels=range(k), average="macro", zero_division=0))
-    assert r.weighted_f1 == pytest.approx(skm.f1_score(y, pred, labels=range(k), average="weighted", zero_division=0))
+    assert r.f1_macro == pytest.approx(skm.f1_score(y, pred, labels=range(k), average="macro", zero_division=0))
+    assert r.f1_weighted == pytest.approx(skm.f1_score(y, pred, labels=range(k), average="weighted", zero_division=0))
     assert r.log_loss == pytest.approx(skm.log_loss(y, probs, labels=range(k)))
     assert r.report == skm.classification_report(y, pred, labels=range(k), target_names=labels, digits=3, zero_division=0)
-    assert r.summary() == dict(accuracy=r.accuracy, macro_f1=r.macro_f1, weighted_f1=r.weighted_f1, log_loss=r.log_loss, ece=r.ece, n=len(y))
+    f2 = skm.fbeta_score(y, pred, beta=2, labels=range(k), average="macro", zero_division=0)
+    assert r.summary() == pytest.approx(dict(loss=r.log_loss, accuracy=r.accuracy, f1_macro=r.f1_macro, f1_weighted=r.f1_weighted,
+                                             f2_macro=f2, ece=r.ece, n=len(y)))
 
 
 def test_labels_as_names_and_from_logits(real_case):
@@ -188,7 +191,7 @@ def test_evaluate_learner_and_model(make, movie_data, tiny_bert_dir):
     logits, labels = learn.get_preds("test")
     own = learn.evaluate("test")
     assert r.n == len(movie_data.dataset("test")) and r.split == "test" and r.learner is learn
-    assert r.accuracy == pytest.approx(own["accuracy"]) and r.macro_f1 == pytest.approx(own["f1_macro"])
+    assert r.accuracy == pytest.approx(own["accuracy"]) and r.f1_macro == pytest.approx(own["f1_macro"])
     assert r.log_loss == pytest.approx(own["loss"], rel=1e-4)
     np.testing.assert_allclose(r.probs, torch.softmax(logits.double(), -1).numpy(), atol=1e-6)
     idx = movie_data.split_index("test")
@@ -221,7 +224,7 @@ def test_cross_validate_tiny_bert(make, movie_data):
     dev = movie_data.df.row[movie_data.df.split != "test"].tolist()
     assert sorted(held_out) == sorted(dev)                                   # every development row scored once, test rows never
     assert all(r.learner.data is not movie_data for r in res.reports) and set(movie_data.df.split) == {"train", "valid", "test"}
-    assert res.table.shape[0] == 3 and set(res.summary().index) == {"accuracy", "macro_f1", "weighted_f1", "log_loss", "ece"}
+    assert res.table.shape[0] == 3 and set(res.summary().index) == {"loss", "accuracy", "f1_macro", "f1_weighted", "f2_macro", "ece"}
     assert f"{res.mean:.4f} ± {res.std:.4f}" in repr(res)
 
 
