@@ -19,7 +19,7 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
-from .core import atomic_write, env_report, get_device, precision_name, set_seed
+from .core import atomic_write, check_positive, env_report, get_device, precision_name, set_seed
 
 # %% auto #0
 __all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'UsageError', 'cli_message', 'hparam_flags', 'finetune_defaults', 'load_data',
@@ -304,8 +304,7 @@ def _finetune(args) -> int:
     metrics = learn.evaluate(split)
     learn.save_model(out)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    train_time = getattr(learn, "_train_time", 0.0)
-    seen = learn.samples_seen_this_fit() if hasattr(learn, "samples_seen_this_fit") else learn.samples_seen
+    train_time, seen = learn.train_seconds, learn.samples_seen_this_fit()
     result = dict(task=data.task.name, **metrics, split=split, n_train=len(learn.train_ds), n_valid=len(data.dataset("valid")) if "valid" in data.splits else 0,
                   n_test=len(data.dataset(split)), epochs=learn.epoch, steps=learn.step,
                   samples_per_s=seen / train_time if train_time else None, train_time_s=train_time,
@@ -462,11 +461,13 @@ def _cmd_env(args) -> int:
 
 # %% ../nbs/12_cli.ipynb #5bbfd7fc
 def _positive(kind):
+    "An argparse type: a number more than 0 (a whole one for `int`), checked by `core.check_positive`."
     def parse(text:str):
-        try: value = kind(text)
-        except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        if not (value > 0 and math.isfinite(value)): raise argparse.ArgumentTypeError(f"{text} must be more than 0")
-        return value
+        try: return check_positive("it", kind(text), integer=kind is int)
+        except ValueError as e:
+            if "it must" in str(e): raise argparse.ArgumentTypeError(str(e).replace("it must", "must")) from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+    parse.__name__ = kind.__name__
     return parse
 
 def _checked(spec):

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .core import Issue, cache_dir, patch_to, plural, rows_text, short_repr, warn
+from .core import Issue, atomic_write, cache_dir, patch_to, plural, rows_text, short_repr, warn
 from .tasks import IGNORE_INDEX, ClassificationTask, RegressionTask, Task, get_task, infer_task, is_missing, label_maps, normalize_label
 
 # %% auto #0
@@ -310,8 +310,8 @@ def cached_tokenize(tokenizer, texts:Sequence[str], max_length:int, batch_size:i
     else:
         out = tokenize_texts(tokenizer, texts, max_length, batch_size)
         if path is not None:
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, ids=out[0], offsets=out[1], full=out[2]); tmp.replace(path)
+            buf = io.BytesIO(); np.savez(buf, ids=out[0], offsets=out[1], full=out[2])
+            atomic_write(path, buf.getvalue())
     _TOKEN_CACHE[key] = out
     while len(_TOKEN_CACHE) > TOKEN_CACHE_SIZE: _TOKEN_CACHE.popitem(last=False)
     return out
@@ -701,6 +701,11 @@ class TextClassificationData(TextData):
         super().__init__(texts, labels, split, task=task, **kwargs)
 
 # %% ../nbs/02_data.ipynb #65de1632
+@patch_to(TextData)
+def tokenized_with(self, tokenizer) -> bool:
+    "Whether the texts are tokenized, and by this tokenizer (the same vocabulary and rules)."
+    return self._ids is not None and self._token_key[0] == tokenizer_fingerprint(tokenizer)
+
 @patch_to(TextData)
 def subset(self,
     positions:Sequence[int],        # the rows to keep (positions in `df`)

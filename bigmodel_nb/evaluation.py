@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from .core import get_device, set_seed, warn
-from .data import SPLIT_ALIASES, TextData, stable_permutation, tokenizer_fingerprint
+from .data import SPLIT_ALIASES, TextData, stable_permutation
 from .metrics import MetricsError, compare, make_report, metrics_for
 from .predict import Predictor
 from .tasks import RegressionTask, Task, task_from_config
@@ -163,9 +163,8 @@ def _check_head(model, data):
 
 def _model_preds(model, data, tokenizer, split, batch_size, device) -> tuple:
     "Outputs and targets of a bare model on `split`, through a `Predictor`."
-    key = getattr(data, "_token_key", None)
-    if tokenizer is not None and (key is None or key[0] != tokenizer_fingerprint(tokenizer)):
-        data.tokenize(tokenizer, max_length=data.max_length if key is not None else None)   # keep the length it was cut at
+    if tokenizer is not None and not data.tokenized_with(tokenizer):
+        data.tokenize(tokenizer, max_length=getattr(data, "max_length", None))   # keep the length it was cut at, if any
     elif tokenizer is None and getattr(data, "tokenizer", None) is None:
         raise MetricsError("the data is not tokenized and no tokenizer was given: pass tokenizer=... (the model's, e.g. from load_classifier).")
     _check_head(model, data)

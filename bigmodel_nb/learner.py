@@ -639,7 +639,12 @@ def _sync(self, check:bool=True):
 @patch_to(Learner)
 def samples_seen_this_fit(self) -> int:
     "Training examples seen since the current (or last) `fit` began."
-    return self.samples_seen - getattr(self, "_samples_at_fit_start", 0)
+    return self.samples_seen - self._samples_at_fit_start
+
+@patch_to(Learner, as_prop=True)
+def train_seconds(self) -> float:
+    "Seconds spent on training batches in the current (or last) `fit`: evaluation, checkpoints and callbacks between batches left out."
+    return self._train_time
 
 # %% ../nbs/04_learner.ipynb #a5fd7fec
 @patch_to(Learner)

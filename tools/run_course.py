@@ -4,6 +4,7 @@
     python tools/run_course.py 03 05           # lessons whose file name starts with 03 or 05
     python tools/run_course.py --no-save       # run without touching the notebooks (a check)
     python tools/run_course.py --small         # the reduced size that `nbdev_test` uses (IN_TEST=1)
+    python tools/run_course.py nbs/04_learner.ipynb   # any notebook by its path (the library's too), same timing and storing
 
 Exits with 1 if a lesson fails, or takes longer than --limit minutes (10 by default: the course's promise for a
 2-core CPU).
@@ -37,14 +38,19 @@ def run_lesson(path: Path, save: bool, timeout: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("lessons", nargs="*", help="file-name prefixes to run (default: all)")
+    p.add_argument("lessons", nargs="*", help="file-name prefixes of lessons, or paths of notebooks, to run (default: every lesson)")
     p.add_argument("--no-save", action="store_true", help="do not write the outputs back into the notebooks")
     p.add_argument("--small", action="store_true", help="run at the reduced size nbdev_test uses (sets IN_TEST=1)")
     p.add_argument("--limit", type=float, default=10.0, help="minutes a lesson may take (default: 10)")
     a = p.parse_args(argv)
     if a.small: os.environ["IN_TEST"] = "1"
     else: os.environ.pop("IN_TEST", None)                # the kernel inherits this environment
-    lessons = sorted(f for f in COURSE.glob("*.ipynb") if not a.lessons or any(f.name.startswith(x) for x in a.lessons))
+    paths = [Path(x).resolve() for x in a.lessons if x.endswith(".ipynb")]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        print(f"no such notebook: {', '.join(missing)}", file=sys.stderr); return 2
+    prefixes = [x for x in a.lessons if not x.endswith(".ipynb")]
+    lessons = paths + sorted(f for f in COURSE.glob("*.ipynb") if (not a.lessons or any(f.name.startswith(x) for x in prefixes)) and not (paths and not prefixes))
     if not lessons:
         print(f"no lesson in {COURSE} matches {a.lessons}", file=sys.stderr); return 2
     failed, total = [], 0.0
