@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .core import atomic_write, cpu_state_dict, in_notebook
 from .events import CancelFitException, Callback

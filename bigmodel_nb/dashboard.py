@@ -19,7 +19,7 @@ import ipywidgets as W
 
 from .core import patch_to
 from .events import Callback
-from .learner import HPARAMS, HParams, Learner
+from .learner import HPARAMS, Learner
 from .metrics import metrics_for
 
 # %% auto #0

@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .core import Issue, atomic_write, cache_dir, patch_to, plural, rows_text, short_repr, warn
-from .tasks import IGNORE_INDEX, ClassificationTask, RegressionTask, Task, get_task, infer_task, is_missing, label_maps, normalize_label
+from .tasks import ClassificationTask, Task, get_task, infer_task, is_missing
+from .tasks import IGNORE_INDEX, label_maps, normalize_label   # re-exported: code written for 0.1 imports them from here
 
 # %% auto #0
 __all__ = ['FORMATS', 'SPLITS', 'SPLIT_ALIASES', 'TOKEN_CACHE_SIZE', 'DataError', 'DataWarning', 'DataSource', 'issues_message',

@@ -8,16 +8,15 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .core import get_device, set_seed, warn
+from .core import get_device, set_seed
 from .data import SPLIT_ALIASES, TextData, stable_permutation
-from .metrics import MetricsError, compare, make_report, metrics_for
+from .metrics import MetricsError, make_report, metrics_for
 from .predict import Predictor
 from .tasks import RegressionTask, Task, task_from_config
 

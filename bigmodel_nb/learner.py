@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .callbacks import CheckpointEvery, CSVLogger, ProgressCallback
@@ -26,7 +25,7 @@ from .core import (PRECISION_CHOICES, atomic_write, autocast_dtype, check_choice
                               rng_state, set_rng_state, set_seed, warn)
 from .data import DynamicBatchSampler
 from .events import (EVENTS, CancelBatchException, CancelEpochException, CancelFitException, CancelStepException, Callback,
-                                check_event_names)
+                                check_event_names)   # EVENTS and Callback re-exported: code written for 0.1 imports them from here
 from .metrics import score
 from .models import model_dropout, quiet_transformers, set_dropout
 from .predict import Predictor, model_outputs
@@ -132,7 +131,7 @@ def check_schedule(name:str, v) -> str:
     return v
 
 # %% ../nbs/04_learner.ipynb #425d4d0a
-for _spec in [
+for _builtin in [
     HParam("lr", 5e-5, check_positive, "peak learning rate, reached after the warm-up; the schedule scales it",
            live=True, cli=dict(type=float, metavar="LR"), widget=("log", 1e-7, 1e-1)),
     HParam("batch_size", 32, _whole, "texts per batch (on each process)", live=True, cli=dict(type=int, metavar="N"), widget=("batch",)),
@@ -151,7 +150,7 @@ for _spec in [
            cli=dict(metavar="NAME")),
     HParam("dropout", None, _dropout, "every dropout probability of the model (default: the model's own)",
            live=True, apply=_apply_dropout, cli=dict(type=float, metavar="P"), widget=("float", 0.0, 0.5, 0.05), read=_read_dropout),
-]: register_hparam(_spec)
+]: register_hparam(_builtin)
 
 # %% ../nbs/04_learner.ipynb #dbfa420e
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ __all__ = ['Threshold', 'METRICS', 'REPORTS', 'MetricsError', 'class_ids', 'chec
            'per_class_metrics', 'averages', 'per_class_fbeta', 'example_losses', 'log_loss', 'calibration_bins',
            'expected_calibration_error', 'pr_curve', 'best_threshold', 'at_threshold', 'mse', 'rmse', 'mae', 'r2',
            'pearson', 'average_ranks', 'spearman', 'Metric', 'register_metric', 'metrics_for', 'score',
-           'metric_direction', 'is_better', 'accuracy', 'f1_macro', 'f1_weighted', 'f2_macro', 'EvalReport',
-           'plot_history', 'RegressionReport', 'make_report', 'compare']
+           'metric_direction', 'is_better', 'accuracy', 'f1_macro', 'f1_weighted', 'f2_macro', 'Report', 'EvalReport',
+           'length_groups', 'plot_history', 'RegressionReport', 'make_report', 'compare']
 
 # %% ../nbs/06_metrics.ipynb #2b4400c2
 class MetricsError(ValueError):
@@ -254,9 +254,9 @@ def r2(y_true, y_pred) -> float:
 def pearson(y_true, y_pred) -> float:
     "Pearson's correlation of predictions and targets (NaN when either is constant)."
     y, p = _pairs(y_true, y_pred)
+    if (y == y[0]).all() or (p == p[0]).all(): return float("nan")       # a constant has no correlation (not a rounding error's)
     y, p = y - y.mean(), p - p.mean()
-    den = math.sqrt(float(np.sum(y * y)) * float(np.sum(p * p)))
-    return float(np.sum(y * p) / den) if den > 0 else float("nan")
+    return float(np.sum(y * p) / math.sqrt(float(np.sum(y * y)) * float(np.sum(p * p))))
 
 def average_ranks(x) -> np.ndarray:
     "Ranks 1..n of the values of `x`; tied values share the mean of their ranks."
@@ -369,8 +369,18 @@ def _softmax(logits) -> np.ndarray:
     e = np.exp(z)
     return e / e.sum(1, keepdims=True)
 
+class Report:
+    "What every report shares: its examples' row names as an index, and the training curves of the learner that made it."
+    def _index(self) -> pd.Index:
+        return pd.Index(self.rows, name="row") if self.rows is not None else pd.RangeIndex(self.n, name="position")
+
+    def plot_history(self, ax=None):
+        "The training curves of the learner that made this report (see `plot_history`)."
+        if self.learner is None: raise MetricsError("this report was not made from a learner, so it has no training history; use plot_history(learner).")
+        return plot_history(self.learner, ax)
+
 @dataclass(repr=False, eq=False)
-class EvalReport:
+class EvalReport(Report):
     "The predictions of one model on one split, and every metric, table and plot made from them."
     y_true:Sequence                 # class ids (or class names), one per example
     probs:np.ndarray                # n x K class probabilities
@@ -455,9 +465,6 @@ class EvalReport:
         if self.lengths is not None: df[self.length_unit] = self.lengths
         return df
 
-    def _index(self) -> pd.Index:
-        return pd.Index(self.rows, name="row") if self.rows is not None else pd.RangeIndex(self.n, name="position")
-
     def __getattr__(self, name):
         renamed = {"macro_f1": "f1_macro", "weighted_f1": "f1_weighted"}
         if name in renamed: raise AttributeError(f"EvalReport.{name} is called {renamed[name]} since 0.2, the name the metric registry gives it.")
@@ -523,20 +530,23 @@ def _report_at_threshold(self, threshold:float, pos_label=None) -> Threshold:
     return at_threshold(self.y_true, self.probs[:, p], threshold, p)
 
 # %% ../nbs/06_metrics.ipynb #ac9003f7
-@patch_to(EvalReport)
-def length_table(report, buckets:int=4) -> pd.DataFrame:
-    "Accuracy, mean confidence and count per length bucket (buckets of about equal size, by quantile)."
-    if report.lengths is None:
-        raise MetricsError("this report has no lengths: make it with `evaluate` (which records them), or pass lengths=... to EvalReport.")
-    L = report.lengths
+def length_groups(
+    lengths:Sequence[int],  # the length of each example
+    buckets:int=4,          # at most this many groups, of about equal size
+) -> list:
+    "`(label, mask)` per length bucket: buckets of about equal size by the quantiles of the lengths, labelled 'lo-hi'."
+    if lengths is None:
+        raise MetricsError("this report has no lengths: make it with `evaluate` (which records them), or pass lengths=... to the report.")
+    L = np.asarray(lengths)
     inner = np.unique(np.quantile(L, np.linspace(0, 1, int(buckets) + 1)[1:-1], method="lower"))
     b = np.searchsorted(inner, L, side="left")                  # bucket j: inner[j-1] < length <= inner[j]
-    rows = []
-    for j in np.unique(b):
-        m = b == j
-        rows.append({report.length_unit: f"{L[m].min()}-{L[m].max()}", "n": int(m.sum()),
-                     "accuracy": float(report.correct[m].mean()), "confidence": float(report.confidence[m].mean())})
-    return pd.DataFrame(rows)
+    return [(f"{L[b == j].min()}-{L[b == j].max()}", b == j) for j in np.unique(b)]
+
+@patch_to(EvalReport)
+def length_table(self, buckets:int=4) -> pd.DataFrame:
+    "Accuracy, mean confidence and count per length bucket (buckets of about equal size, by quantile)."
+    return pd.DataFrame([{self.length_unit: label, "n": int(m.sum()), "accuracy": float(self.correct[m].mean()),
+                          "confidence": float(self.confidence[m].mean())} for label, m in length_groups(self.lengths, buckets)])
 
 # %% ../nbs/06_metrics.ipynb #0e9ed6a2
 def _ax(ax, size=(4.5, 3.8)):
@@ -647,12 +657,6 @@ def plot_history(
     ax.set_title("training curves")
     return ax
 
-@patch_to(EvalReport, name="plot_history")
-def _report_plot_history(self, ax=None):
-    "The training curves of the learner that made this report."
-    if self.learner is None: raise MetricsError("this report was not made from a learner, so it has no training history; use plot_history(learner).")
-    return plot_history(self.learner, ax)
-
 @patch_to(EvalReport, name="plot")
 def _report_plot(self, bins:int=10, buckets:int=4):
     "Confusion matrix, reliability diagram, accuracy by length and (for a trained learner) the training curves, side by side."
@@ -667,7 +671,7 @@ def _report_plot(self, bins:int=10, buckets:int=4):
 
 # %% ../nbs/06_metrics.ipynb #b374c166
 @dataclass(repr=False, eq=False)
-class RegressionReport:
+class RegressionReport(Report):
     "The predictions of one regression model on one split, and its metrics, tables and plots."
     y_true:Sequence                 # the targets, one per example
     y_pred:Sequence                 # the predictions
@@ -710,9 +714,6 @@ class RegressionReport:
         "Every registered regression metric (`METRICS`), and the number of examples."
         return {**{m.name: float(m.fn(self.y_true, self.y_pred)) for m in metrics_for("regression")}, "n": self.n}
 
-    def _index(self) -> pd.Index:
-        return pd.Index(self.rows, name="row") if self.rows is not None else pd.RangeIndex(self.n, name="position")
-
     def to_frame(self) -> pd.DataFrame:
         "One row per example: text, target, prediction, error."
         df = pd.DataFrame({"text": self.texts} if self.texts is not None else {}, index=self._index())
@@ -742,22 +743,12 @@ def plot_predictions(self, ax=None):
     ax.set_title(f"{self.name}: RMSE {self.rmse:.3f}, Pearson {self.pearson:.3f}"); ax.legend(loc="upper left", fontsize=8)
     return ax
 
-@patch_to(RegressionReport)
-def length_table(self, buckets:int=4) -> pd.DataFrame:
+@patch_to(RegressionReport, name="length_table")
+def _regression_length_table(self, buckets:int=4) -> pd.DataFrame:
     "RMSE, MAE and count per length bucket (buckets of about equal size, by quantile)."
-    if self.lengths is None: raise MetricsError("this report has no lengths: make it with `evaluate`, or pass lengths=....")
-    L = self.lengths
-    inner = np.unique(np.quantile(L, np.linspace(0, 1, int(buckets) + 1)[1:-1], method="lower"))
-    b = np.searchsorted(inner, L, side="left")
-    return pd.DataFrame([{self.length_unit: f"{L[b == j].min()}-{L[b == j].max()}", "n": int((b == j).sum()),
-                          "rmse": rmse(self.y_true[b == j], self.y_pred[b == j]), "mae": mae(self.y_true[b == j], self.y_pred[b == j])}
-                         for j in np.unique(b)])
+    return pd.DataFrame([{self.length_unit: label, "n": int(m.sum()), "rmse": rmse(self.y_true[m], self.y_pred[m]),
+                          "mae": mae(self.y_true[m], self.y_pred[m])} for label, m in length_groups(self.lengths, buckets)])
 
-@patch_to(RegressionReport, name="plot_history")
-def _regression_plot_history(self, ax=None):
-    "The training curves of the learner that made this report."
-    if self.learner is None: raise MetricsError("this report was not made from a learner, so it has no training history; use plot_history(learner).")
-    return plot_history(self.learner, ax)
 
 @patch_to(RegressionReport, name="plot")
 def _regression_plot(self):

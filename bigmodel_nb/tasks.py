@@ -168,16 +168,22 @@ def _issue(kind, column, pos, where, detail, fix, droppable=True) -> Issue:
 def _examples(values, pos, where, unit) -> str:
     return "; ".join(f"{unit} {w}: {type(values[i]).__name__} {short_repr(values[i])}" for i, w in zip(pos[:3], where(pos[:3])))
 
-@patch_to(ClassificationTask)
-def check_targets(self, values:Sequence, where:Where, unit:str="row", column:str="label") -> tuple[list, list]:
-    "Missing labels, labels that are neither names nor whole numbers, names mixed with ids, labels outside `classes`."
-    issues, norm, missing, badtype = [], [], [], []
+def _scan(values:Sequence, normalize:Callable) -> tuple[list, list, list]:
+    "`(normalized, missing, bad)`: each value through `normalize` (None when missing; TypeError or ValueError when unusable)."
+    norm, missing, bad = [], [], []
     for i, v in enumerate(values):
-        try: x = normalize_label(v)
-        except TypeError: x = None; badtype.append(i)
+        try: x = normalize(v)
+        except (TypeError, ValueError): x = None; bad.append(i)
         else:
             if x is None: missing.append(i)
         norm.append(x)
+    return norm, missing, bad
+
+@patch_to(ClassificationTask)
+def check_targets(self, values:Sequence, where:Where, unit:str="row", column:str="label") -> tuple[list, list]:
+    "Missing labels, labels that are neither names nor whole numbers, names mixed with ids, labels outside `classes`."
+    issues = []
+    norm, missing, badtype = _scan(values, normalize_label)
     if missing:
         issues.append(_issue("missing_label", column, missing, where, f"{plural(len(missing), 'missing label')}, at {rows_text(where(missing), unit)}.",
             "label these rows or remove them (unlabelled texts can still be used to adapt the encoder to your domain before fine-tuning)."))
@@ -261,13 +267,7 @@ class RegressionTask(Task):
 
     def check_targets(self, values:Sequence, where:Where, unit:str="row", column:str="label") -> tuple[list, list]:
         "Missing targets, and targets that are not finite numbers."
-        norm, missing, bad = [], [], []
-        for i, v in enumerate(values):
-            try: x = _as_number(v)
-            except (ValueError, TypeError): x = None; bad.append(i)
-            else:
-                if x is None: missing.append(i)
-            norm.append(x)
+        norm, missing, bad = _scan(values, _as_number)
         issues = []
         if missing:
             issues.append(_issue("missing_label", column, missing, where, f"{plural(len(missing), 'missing target')}, at {rows_text(where(missing), unit)}.",
