@@ -135,15 +135,16 @@ def test_real_out_of_memory_halves_the_batch_and_loses_nothing():
 
 
 @cuda_only
-def test_checkpoint_resume_on_cuda_continues_the_run(tmp_path, tiny_bert_dir, movie_data):
-    "Stop at step 7 (a checkpoint is written), resume in a fresh Learner: the weights match an unbroken run."
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_checkpoint_resume_on_cuda_continues_the_run(tmp_path, tiny_bert_dir, movie_data, precision):
+    "Stop at step 7 (a checkpoint is written), resume in a fresh Learner: the weights match an unbroken run (fp16: the loss scaler's state too)."
     class StopAt(Callback):
         def after_step(self):
             if self.learn.step == 7: self.learn.stop()
     def make(cbs=(), out=None):
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
-        return Learner(model, movie_data, HParams(epochs=2, lr=1e-3, batch_size=16, precision="fp32", seed=5),
+        return Learner(model, movie_data, HParams(epochs=2, lr=1e-3, batch_size=16, precision=precision, seed=5),
                        cbs=list(cbs), device=DEV, progress=False, out_dir=out)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -153,5 +154,6 @@ def test_checkpoint_resume_on_cuda_continues_the_run(tmp_path, tiny_bert_dir, mo
     finally:
         torch.use_deterministic_algorithms(False)
     diff = max((want[k].float() - v.float()).abs().max().item() for k, v in params(again.model).items())
-    report("resume on cuda", max_abs_diff=diff)
+    report("resume on cuda", precision=precision, max_abs_diff=diff)
     assert part.interrupted and part.step == 7 and again.step == full.step and diff < 1e-4
+    if precision == "fp16": assert again.scaler.get_scale() == full.scaler.get_scale() and "scaler" in again.states
