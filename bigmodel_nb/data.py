@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -28,10 +29,10 @@ from .tasks import ClassificationTask, Task, get_task, infer_task, is_missing
 from .tasks import IGNORE_INDEX, label_maps, normalize_label   # re-exported: code written for 0.1 imports them from here
 
 # %% auto #0
-__all__ = ['FORMATS', 'SPLITS', 'SPLIT_ALIASES', 'TOKEN_CACHE_SIZE', 'DataError', 'DataWarning', 'DataSource', 'issues_message',
-           'read_table', 'row_issues', 'duplicate_issues', 'stable_permutation', 'stratified_split',
+__all__ = ['FORMATS', 'CSV_FIELD_LIMIT', 'SPLITS', 'SPLIT_ALIASES', 'TOKEN_CACHE_SIZE', 'DataError', 'DataWarning', 'DataSource',
+           'issues_message', 'read_table', 'row_issues', 'duplicate_issues', 'stable_permutation', 'stratified_split',
            'tokenizer_fingerprint', 'texts_fingerprint', 'model_max_length', 'tokenize_texts', 'cached_tokenize',
-           'DataReport', 'TextData', 'load_tokenizer', 'TextClassificationData', 'read_batch_size',
+           'is_plain_int', 'DataReport', 'TextData', 'load_tokenizer', 'TextClassificationData', 'read_batch_size',
            'DynamicBatchSampler', 'SortedBatchSampler', 'Collator', 'length_buckets', 'TokenizedDataset', 'DataLoaders',
            'padding_ratio']
 
@@ -64,6 +65,16 @@ def issues_message(source:DataSource, issues:Sequence[Issue], drop_hint:bool=Tru
 
 # %% ../nbs/02_data.ipynb #0bce127e
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}  # extension -> format
+CSV_FIELD_LIMIT = 2**24   # the longest CSV/TSV field read_table takes, in characters (Python's csv module alone takes 131,072)
+
+def _gunzip(raw:bytes, path:str) -> bytes:
+    try: return gzip.decompress(raw)
+    except EOFError:
+        raise DataError(f"{path} is truncated: its gzip data stops before the end-of-stream marker, so the file was cut short "
+                        f"({len(raw):,} bytes), e.g. by an interrupted download or copy. Download or copy it again.") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path} is not valid gzip data ({e}), although its name ends in .gz: it is damaged, or it is not "
+                        "compressed at all. Get a fresh copy; if it is a plain text file, rename it without the .gz.") from None
 
 def _decode(raw:bytes, encoding:str, path:str) -> str:
     enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
@@ -79,20 +90,43 @@ def _decode(raw:bytes, encoding:str, path:str) -> str:
             f"encoding='cp1252' for files saved by Excel on Windows, or encoding='latin-1' (which accepts any byte: "
             f"check that accented letters come out right).") from None
 
+def _repeated_names(columns:Sequence, path:str, where:str):
+    "Refuse column names that occur more than once: a reader would take one of them and ignore the others."
+    at = {}
+    for k, c in enumerate(columns, 1): at.setdefault(c, []).append(k)
+    repeated = {c: ks for c, ks in at.items() if len(ks) > 1}
+    if repeated:
+        shown = "; ".join(f"{c!r} (columns {', '.join(map(str, ks[:-1]))} and {ks[-1]})" for c, ks in repeated.items())
+        empty = " (an empty name comes from a delimiter at the end of the line)" if "" in repeated else ""
+        raise DataError(f"{path}: {where} gives {plural(len(repeated), 'column name')} more than once: "
+                        f"{shown}{empty}. Columns are found by name, so one of each would be read and the others ignored. "
+                        "Rename the columns so that each name occurs once (e.g. 'text' and 'text_2'), then pick the ones "
+                        "to read with text_col=... and label_col=...")
+
 def _parse_delimited(text:str, path:str, sep:str, header:bool, names:Sequence|None) -> pd.DataFrame:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
     records, lines, prev = [], [], 0
+    old_limit = csv.field_size_limit(CSV_FIELD_LIMIT)   # a process-wide setting: put back below
     try:
         for rec in reader:
             start, prev = prev + 1, reader.line_num
             if rec: records.append(rec); lines.append(start)   # a blank line is no row
     except csv.Error as e:
+        if str(e).startswith("field larger than field limit"):
+            raise DataError(f"{path}, line {prev + 1}: a field of the row that starts on this line is longer than "
+                            f"{CSV_FIELD_LIMIT:,} characters (bigmodel_nb.data.CSV_FIELD_LIMIT), too long to read. "
+                            "Split such texts into shorter parts (a model reads only their first few hundred tokens "
+                            "anyway), or raise CSV_FIELD_LIMIT.") from None
         raise DataError(f"{path}, line {reader.line_num}: the {'CSV' if sep == ',' else 'delimited'} parser stopped: {e}. "
                         "Check that line's quotes: a quote inside a quoted field must be doubled (\"\").") from None
+    finally: csv.field_size_limit(old_limit)
     if header:
         if not records: raise DataError(f"{path} is empty: it has no header line and no rows.")
+        _repeated_names(records[0], path, f"the header (line {lines[0]})")
         columns, records, lines = records[0], records[1:], lines[1:]
-    else: columns = list(names) if names is not None else list(range(max(map(len, records), default=0)))
+    else:
+        if names is not None: _repeated_names(list(names), path, "the list passed as names=")
+        columns = list(names) if names is not None else list(range(max(map(len, records), default=0)))
     wrong = [(ln, len(r)) for ln, r in zip(lines, records) if len(r) != len(columns)]
     if wrong:
         shown = "; ".join(f"line {ln} has {k}" for ln, k in wrong[:8]) + (f"; and {len(wrong) - 8:,} more" if len(wrong) > 8 else "")
@@ -138,7 +172,7 @@ def read_table(
     if format.lower() not in ("csv", "tsv", "jsonl"):
         raise ValueError(f"format={format!r} is not one this reads; use 'csv', 'tsv' or 'jsonl'.")
     raw = path.read_bytes()
-    if compressed: raw = gzip.decompress(raw)
+    if compressed: raw = _gunzip(raw, str(path))
     text = _decode(raw, encoding, str(path))
     if format.lower() == "jsonl": return _parse_jsonl(text, str(path))
     if header is None: header = names is None
@@ -207,7 +241,8 @@ def duplicate_issues(
         conflicts = sum(labels[i] != labels[j] for i, j in dup)
         issues.append(Issue("duplicate_text", column, where(sorted(i for i, _ in dup)),
             f"{plural(len(dup), 'exact duplicate text')} ({pairs(dup)})" + (f"; {conflicts:,} of them with a different label" if conflicts else "") + ".",
-            "remove the repeated rows (a repeated text counts twice in training and in scores).", positions=sorted(i for i, _ in dup)))
+            "remove the repeated rows (a repeated text counts twice in training and in scores); for a file you only score, "
+            "pass duplicates='keep' to keep them with a warning.", positions=sorted(i for i, _ in dup)))
     if leak:
         issues.append(Issue("leakage", column, where(sorted(i for i, _ in leak)),
             f"{plural(len(leak), 'text')} in a later split that also {'appears' if len(leak) == 1 else 'appear'} in an earlier one "
@@ -318,9 +353,13 @@ def cached_tokenize(tokenizer, texts:Sequence[str], max_length:int, batch_size:i
     return out
 
 # %% ../nbs/02_data.ipynb #29b51b83
+def is_plain_int(s:str) -> bool:
+    "Whether `s` is an integer written exactly as Python writes it ('7', '12', '-3'), so that `int(s)` loses nothing of it."
+    return re.fullmatch(r"-?[0-9]+", s) is not None and str(int(s)) == s
+
 @dataclass
 class DataReport:
-    "What the checks found and did: issues, dropped rows (with the reason) and truncated texts."
+    "What the checks found and did: issues, dropped rows (with the reason), rows kept on purpose and truncated texts."
     source:DataSource
     issues:list=field(default_factory=list)
     dropped:pd.DataFrame=field(default_factory=lambda: pd.DataFrame(columns=["row", "reason", "text", "label", "split"]))
@@ -333,6 +372,9 @@ class DataReport:
         if len(self.truncated):
             lines.append(f"- truncated {plural(len(self.truncated), 'text')} to {self.truncated.max_length.iloc[0]} tokens: "
                          f"{rows_text(self.truncated.row.tolist(), self.source.unit, 12)}")
+        for i in self.issues:   # problems kept on purpose, e.g. duplicates='keep'
+            if i.droppable and not i.dropped and i.rows:
+                lines.append(f"- kept {plural(len(i.rows), 'row')} ({_REASONS.get(i.kind, i.kind)}): {rows_text(i.rows, self.source.unit, 12)}")
         return "\n".join(lines)
 
 _REASONS = {"empty_text": "empty text", "non_string_text": "text not a string", "missing_label": "missing label",
@@ -357,8 +399,11 @@ class TextData:
         test_pct:float=0.1,            # share of the data (of each class) for test, when the split is ours to make
         seed:int=42,                   # seed of the split (and the default seed of the batch order)
         on_invalid:str="raise",        # 'raise' a `DataError` on bad rows, or 'drop' them and report them
+        duplicates:str|None=None,      # exact duplicate texts in a split: 'raise', 'drop', or 'keep' (with a `DataWarning`); None: as `on_invalid`
     ):
         if on_invalid not in ("raise", "drop"): raise ValueError(f"on_invalid={on_invalid!r}; use 'raise' or 'drop'.")
+        if duplicates not in (None, "raise", "drop", "keep"):
+            raise ValueError(f"duplicates={duplicates!r}; use 'raise', 'drop', 'keep', or None to do as on_invalid says.")
         if not (0 <= valid_pct < 1 and 0 <= test_pct < 1 and valid_pct + test_pct < 1):
             raise ValueError(f"valid_pct={valid_pct} and test_pct={test_pct} must be in [0, 1) and leave some data for train.")
         texts, labels = list(texts), list(labels)
@@ -370,7 +415,7 @@ class TextData:
         self.source = source or DataSource("the lists", "item", "items are numbered from 1")
         self.rows = list(rows) if rows is not None else list(range(1, len(texts) + 1))
         self.text_col, self.label_col, self.split_col = columns
-        self.valid_pct, self.test_pct, self.seed, self.on_invalid = valid_pct, test_pct, seed, on_invalid
+        self.valid_pct, self.test_pct, self.seed, self.on_invalid, self.duplicates = valid_pct, test_pct, seed, on_invalid, duplicates
         self.report = DataReport(self.source)
         self.tokenizer = self._ids = None
         self.task_reason = "given"
@@ -381,6 +426,12 @@ class TextData:
 
     def _where(self, positions): return [self.rows[p] for p in positions]
 
+    def _action(self, issue:Issue) -> str:
+        "What happens to the rows of `issue`: 'raise', 'drop' or 'keep'."
+        if not issue.droppable: return "raise"
+        if issue.kind == "duplicate_text" and self.duplicates is not None: return self.duplicates
+        return self.on_invalid
+
     def _build(self, texts, labels, split):
         where, unit, cols = self._where, self.source.unit, _Cols(*(str(c) for c in (self.text_col, self.label_col, self.split_col)))
         task = self.task
@@ -389,21 +440,22 @@ class TextData:
         keep = [i for i in range(len(texts)) if i not in bad]
         if all(i.droppable for i in issues):
             issues += duplicate_issues(texts, labels, split, keep, where, unit, cols.text)
-            bad |= {p for i in issues for p in i.positions}
+            bad |= {p for i in issues if self._action(i) != "keep" for p in i.positions}
             keep = [i for i in range(len(texts)) if i not in bad]
             given = split is not None
             carve = given and self.valid_pct > 0 and not any(split[i] == "valid" for i in keep)
             need = 1 + (self.valid_pct > 0) + (self.test_pct > 0)
             pool, need = ([i for i in keep if split[i] == "train"], 2) if carve else ((keep if not given else []), need)
             issues += task.group_issues(labels, split, keep, pool, need, where, unit, cols.label)
-        fatal = [i for i in issues if not i.droppable]
-        if fatal or (issues and self.on_invalid == "raise"):
-            raise DataError(issues_message(self.source, issues if self.on_invalid == "raise" else fatal,
-                                           drop_hint=self.on_invalid == "raise" and not fatal), issues)
-        drop = sorted({p for i in issues for p in i.positions})
+        raised = [i for i in issues if self._action(i) == "raise"]
+        if raised:   # the hint to pass on_invalid='drop' only where that would drop every row named
+            hint = all(i.droppable for i in raised) and any(i.kind != "duplicate_text" or self.duplicates is None for i in raised)
+            raise DataError(issues_message(self.source, raised, drop_hint=hint), issues)
+        dropped = [i for i in issues if self._action(i) == "drop"]
+        drop = sorted({p for i in dropped for p in i.positions})
         if drop:
             reason = {}
-            for i in issues:
+            for i in dropped:
                 i.dropped = True
                 for p in i.positions: reason.setdefault(p, _REASONS.get(i.kind, i.kind))
             self.report.dropped = pd.DataFrame({"row": self._where(drop), "reason": [reason[p] for p in drop],
@@ -412,11 +464,14 @@ class TextData:
             counts = self.report.dropped.reason.value_counts()
             warn(f"{self.source.name}: dropped {plural(len(drop), 'row')} (" + ", ".join(f"{r}: {n:,}" for r, n in counts.items())
                  + "); `data.report` lists them.", DataWarning)
+        for i in issues:
+            if self._action(i) == "keep":
+                warn(f"{self.source.name}: duplicates='keep' keeps {i.detail} Each copy counts in the scores; `data.report` lists them.", DataWarning)
         self.report.issues = issues
         keep = [i for i in range(len(texts)) if i not in set(drop)]
         self.rows = [self.rows[i] for i in keep]
         kept = [labels[i] for i in keep]
-        targets = task.fit(kept, dropped=issues).encode(kept)
+        targets = task.fit(kept, dropped=dropped).encode(kept)
         strata = task.strata(targets)
         if split is None:
             names, self.split_origin = stratified_split(strata, self.valid_pct, self.test_pct, self.seed), "stratified"
@@ -487,9 +542,9 @@ class TextData:
         df = read_table(path, format, sep, encoding, header, names)
         is_json = (format or "").lower() == "jsonl" or any(s.lower() in (".jsonl", ".ndjson") for s in Path(path).suffixes)
         note = "line numbers of the file" + ("" if is_json or header is False or (header is None and names is not None) else ", line 1 being the header")
-        if not is_json and label_col in df.columns:   # a CSV has only strings: whole numbers become integer labels
+        if not is_json and label_col in df.columns:   # a CSV has only strings: whole numbers become integer labels, if that loses nothing
             vals = [v for v in df[label_col] if isinstance(v, str) and v.strip()]
-            if vals and all(v.strip().lstrip("+-").isdigit() for v in vals):
+            if vals and all(is_plain_int(v) for v in vals):
                 df[label_col] = [int(v) if isinstance(v, str) and v.strip() else v for v in df[label_col]]
         return cls.from_df(df, text_col, label_col, split, source=DataSource(str(path), "line", note), rows=df.index.tolist(), **kwargs)
 
@@ -803,8 +858,12 @@ class DynamicBatchSampler(Sampler):
         if state["n"] != self.n or state["lengths_crc32"] != zlib.crc32(self.lengths.astype("<i8").tobytes()):
             raise ValueError(f"this sampler state was saved for a dataset of {state['n']:,} examples with other lengths, and this one has "
                              f"{self.n:,}: resume with the same data, split and tokenizer settings.")
-        self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
-        self.group_size, self.mega_batches, self.shuffle = int(state["group_size"]), int(state["mega_batches"]), bool(state["shuffle"])
+        epoch, cursor, group, mega = (int(state[k]) for k in ("epoch", "cursor", "group_size", "mega_batches"))
+        if epoch < 0 or not 0 <= cursor <= self.n or group < 1 or mega < 1:
+            raise ValueError(f"this sampler state is not one a sampler writes (epoch {epoch}, cursor {cursor} of {self.n:,} examples, "
+                             f"group size {group}, mega batches {mega}): it is damaged.")
+        self.epoch, self.cursor, self.seed = epoch, cursor, int(state["seed"])
+        self.group_size, self.mega_batches, self.shuffle = group, mega, bool(state["shuffle"])
 
 # %% ../nbs/02_data.ipynb #e325f89b
 class SortedBatchSampler(Sampler):

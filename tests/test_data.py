@@ -306,6 +306,44 @@ def test_csv_numeric_labels_become_integers(tmp_path):
     assert d.label2id == {0: 0, 1: 1} and all(isinstance(x, int) for x in d.df.label)
 
 
+def test_csv_digit_labels_become_integers_only_when_nothing_is_lost(tmp_path):
+    texts, _ = make_rows(5)
+    p = write_csv(tmp_path / "signed.csv", [(t, ["-1", "12"][k % 2]) for k, t in enumerate(texts)])
+    assert TCD.from_csv(p).classes == [-1, 12]                     # canonical integers: converted
+    p = write_csv(tmp_path / "padded.csv", [(t, ["00", "01"][k % 2]) for k, t in enumerate(texts)])
+    assert TCD.from_csv(p).classes == ["00", "01"]                 # leading zeros: kept as written, not merged into 0 and 1
+
+
+@pytest.mark.parametrize("variant", ["01", "+1", " 1"])
+def test_csv_labels_that_would_merge_are_reported_not_merged(tmp_path, variant):
+    texts, _ = make_rows(6)
+    labels = ["0", "1", variant] * 4
+    p = write_csv(tmp_path / "ids.csv", zip(texts, labels))
+    for how in ("raise", "drop"):                                   # dropping rows cannot fix a spelling
+        with pytest.raises(DataError) as info:
+            TCD.from_csv(p, on_invalid=how)
+        msg = str(info.value)
+        assert [i.kind for i in info.value.issues if not i.droppable] == ["label_variants"]
+        assert "ids.csv" in msg and "column 'label'" in msg and f"{variant!r} (lines 4, 7, 10 and 13)" in msg
+        assert "'1' (lines 3, 6, 9 and 12)" in msg and "spelling" in msg
+
+
+def test_labels_differing_in_whitespace_or_case_are_reported(tmp_path):
+    texts, _ = make_rows(6)
+    labels = ["positive", "negative"] * 6
+    labels[2], labels[8] = " positive", "Positive"
+    p = write_csv(tmp_path / "spelled.csv", zip(texts, labels))
+    with pytest.raises(DataError) as info:
+        TCD.from_csv(p, on_invalid="drop")
+    msg = str(info.value)
+    assert "spelled.csv" in msg and "column 'label'" in msg and "'positive' (lines 2, 6, 8 and 12)" in msg
+    assert "' positive' (line 4)" in msg and "'Positive' (line 10)" in msg and ".str.strip().str.lower()" in msg
+    assert "on_invalid='drop'" not in msg                          # no hint to drop: it would not help
+    fixed = pd.read_csv(p, dtype=str)
+    fixed["label"] = fixed["label"].str.strip().str.lower()
+    assert TCD.from_df(fixed).classes == ["negative", "positive"]   # the fix the message suggests works
+
+
 def test_stratified_seeded_split():
     texts = [f"t{i}" for i in range(150)]
     labels = ["a"] * 100 + ["b"] * 50
@@ -381,6 +419,32 @@ def test_exact_duplicates(tmp_path):
     assert "column 'text'" in msg and "1 of them with a different label" in msg
 
 
+def test_duplicates_kept_with_a_warning_for_a_file_to_score(tmp_path):
+    p = write_csv(tmp_path / "to_score.csv", good_rows() + [(good_rows()[1][0], "pos"), (good_rows()[2][0], "pos")])
+    assert "duplicates='keep'" in raises_data_error(TCD.from_csv, p)   # the default is unchanged, and the error names the option
+    with pytest.warns(DataWarning) as rec:
+        d = TCD.from_csv(p, duplicates="keep", valid_pct=0, test_pct=0)
+    msg = str(rec[0].message)
+    assert len(rec) == 1 and "to_score.csv" in msg and "line 8 repeats line 3" in msg and "line 9 repeats line 4" in msg
+    assert len(d) == 8 and d.rows == list(range(2, 10)) and len(d.report.dropped) == 0
+    assert "kept 2 rows (duplicate text): lines 8 and 9" in repr(d.report)
+    with pytest.warns(DataWarning, match="dropped 2 rows"):
+        dropped = TCD.from_csv(p, duplicates="drop", valid_pct=0, test_pct=0)   # on_invalid stays 'raise' for the rest
+    assert dropped.report.dropped.row.tolist() == [8, 9]
+    assert "missing label" in raises_data_error(TCD.from_csv, write_csv(tmp_path / "both.csv", good_rows() + [(good_rows()[1][0], "pos"),
+                                                ("no label", "")]), duplicates="drop", valid_pct=0, test_pct=0)
+    with pytest.raises(ValueError, match="duplicates="):
+        TCD.from_csv(p, duplicates="warn")
+
+
+def test_leakage_is_still_reported_when_duplicates_are_kept(tmp_path):
+    rows = [(t, l, "train") for t, l in good_rows()] + [(good_rows()[0][0], "neg", "test"), ("a new text", "pos", "valid")]
+    p = write_csv(tmp_path / "leak.csv", rows, header=("text", "label", "split"))
+    with pytest.raises(DataError) as info:
+        TCD.from_csv(p, duplicates="keep")
+    assert [i.kind for i in info.value.issues] == ["leakage"] and "line 8 (test) repeats line 2 (train)" in str(info.value)
+
+
 def test_duplicates_across_splits_are_leakage(tmp_path):
     rows = [(t, l, "train") for t, l in good_rows()] + [(good_rows()[0][0], "neg", "test"), ("a new text", "pos", "valid")]
     p = write_csv(tmp_path / "leak.csv", rows, header=("text", "label", "split"))
@@ -445,6 +509,50 @@ def test_malformed_files_name_their_lines(tmp_path):
         TCD.from_csv(write_csv(tmp_path / "x.txt", good_rows()))
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         TCD.from_csv(tmp_path / "nope.csv")
+
+
+@pytest.mark.parametrize("ext,sep", [(".csv", ","), (".tsv", "\t")])
+def test_repeated_column_names_are_refused(tmp_path, ext, sep):
+    p = tmp_path / f"pasted{ext}"
+    p.write_text(sep.join(["text", "label", "text", "label", "id"]) + "\n" + sep.join(["a gem", "pos", "un bijou", "1", "7"]) + "\n")
+    msg = raises_data_error(TCD.from_csv, p)
+    assert f"pasted{ext}" in msg and "line 1" in msg and "'text' (columns 1 and 3)" in msg and "'label' (columns 2 and 4)" in msg
+    assert "Rename" in msg
+    with pytest.raises(DataError, match="names="):
+        D.read_table(p, header=False, names=["text", "label", "text", "x", "y"])
+
+
+def test_truncated_or_fake_gzip_names_the_file(tmp_path):
+    import gzip
+    packed = gzip.compress(("text,label\n" + "".join(f"review {i},pos\n" for i in range(500))).encode())
+    p = tmp_path / "cut.csv.gz"
+    p.write_bytes(packed[:len(packed) // 2])
+    msg = raises_data_error(TCD.from_csv, p)
+    assert "cut.csv.gz" in msg and "truncated" in msg
+    p = tmp_path / "plain.csv.gz"
+    p.write_text("text,label\na,pos\n")
+    msg = raises_data_error(D.read_table, p)
+    assert "plain.csv.gz" in msg and "not valid gzip data" in msg
+
+
+def test_long_fields_are_read_and_too_long_ones_named(tmp_path, monkeypatch):
+    before = csv.field_size_limit()
+    long_text = "a long chapter " * 20_000                             # 300,000 characters: over csv's default 131,072
+    p = write_csv(tmp_path / "book.csv", [("short", "pos"), (long_text, "neg"), ("another", "pos")])
+    df = D.read_table(p)
+    assert df.loc[3, "text"] == long_text and csv.field_size_limit() == before   # the module's limit is put back
+    monkeypatch.setattr(D, "CSV_FIELD_LIMIT", 100_000)
+    msg = raises_data_error(D.read_table, p)
+    assert "book.csv" in msg and "line 3" in msg and "longer than 100,000 characters" in msg and "quote" not in msg
+    assert csv.field_size_limit() == before
+
+
+def test_truncation_warning_text_stays_stable(tmp_path, tok):
+    "The command line rewrites '`data.report` lists them'; the warning must keep saying exactly that."
+    p = write_csv(tmp_path / "long.csv", good_rows() + [(" ".join(f"w{i}" for i in range(30)), "pos")])
+    with pytest.warns(DataWarning) as rec:
+        TCD.from_csv(p, valid_pct=0, test_pct=0).tokenize(tok)
+    assert str(rec[0].message).endswith("longer than 16 tokens was truncated to their first 16 tokens; `data.report` lists them.")
 
 
 def test_drop_reports_exact_counts_and_rows(tmp_path):
