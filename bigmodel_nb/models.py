@@ -25,10 +25,10 @@ from .tasks import ClassificationTask, Task, get_task
 
 # %% auto #0
 __all__ = ['ATTENTION_KINDS', 'BERT_FAMILY', 'OPTIMIZERS', 'LabelError', 'head_labels', 'ModelNotFoundError',
-           'LabelMismatchError', 'NewHeadWarning', 'RandomBodyWarning', 'quiet_transformers', 'set_dropout',
-           'model_dropout', 'load_classifier', 'load_tokenizer', 'count_parameters', 'parameter_table', 'PatternError',
-           'freeze', 'unfreeze', 'freeze_body', 'activation_memory', 'MemoryEstimate', 'estimate_training_memory',
-           'measure_training_memory']
+           'LabelMismatchError', 'DamagedModelError', 'NewHeadWarning', 'RandomBodyWarning', 'quiet_transformers',
+           'set_dropout', 'model_dropout', 'load_classifier', 'load_tokenizer', 'count_parameters', 'parameter_table',
+           'PatternError', 'freeze', 'unfreeze', 'freeze_body', 'activation_memory', 'MemoryEstimate',
+           'estimate_training_memory', 'measure_training_memory']
 
 # %% ../nbs/03_models.ipynb #5cbf9b37
 class LabelError(ValueError):
@@ -79,6 +79,9 @@ class ModelNotFoundError(FileNotFoundError):
 
 class LabelMismatchError(ValueError):
     "The labels asked for disagree with the trained classification head saved with the model."
+
+class DamagedModelError(ValueError):
+    "A model folder's files cannot be read, or do not belong together; the message names the file and what to do."
 
 class NewHeadWarning(UserWarning):
     "Some weights of the loaded model were not in the checkpoint and start from random values (for a new head: as expected)."
@@ -229,6 +232,34 @@ def _check_labels_against_head(config, id2label:dict, source:str, new_head:bool)
     raise LabelMismatchError(f"{source} holds a trained classification head for {len(old)} labels {old}, and {why}; "
                              "or pass new_head=True to replace the head with a fresh, untrained one.")
 
+_HEAD_OUT = re.compile(r"(?:^|\.)classifier(?:\.out_proj)?\.bias$")   # the head's last layer in BERT-style models
+
+def _weight_shapes(folder:Path) -> dict:
+    "Name -> shape of every tensor in the folder's safetensors files, read from their headers; `DamagedModelError` names a bad file."
+    from safetensors import safe_open
+    shapes = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys(): shapes[k] = tuple(f.get_slice(k).get_shape())
+        except Exception as e:
+            raise DamagedModelError(f"{path} cannot be read ({type(e).__name__}: {str(e).strip() or 'no detail'}): it is "
+                                    f"truncated or not a safetensors file ({path.stat().st_size:,} bytes). Copy it again "
+                                    "from where the model was saved, or train the model again.") from None
+    return shapes
+
+def _check_saved_head(config, source:str, shapes:dict):
+    "Refuse a config.json whose number of labels differs from the outputs of the trained head stored beside it."
+    outs = {k: s[0] for k, s in shapes.items() if _HEAD_OUT.search(k) and len(s) == 1}
+    if len(outs) != 1: return                             # no head saved, or one this check cannot recognise
+    (name, n), = outs.items()
+    if n != config.num_labels:
+        names = [config.id2label[i] for i in sorted(config.id2label)]
+        raise DamagedModelError(f"{source}/config.json names {config.num_labels} labels {names}, but the trained head in "
+                                f"its weights ({name}) has {n} outputs: the two files do not belong together (config.json "
+                                "was edited, or copied from another model). Restore the config.json saved with these "
+                                "weights, or pass new_head=True to train a fresh head.")
+
 def _wanted_head(labels, task) -> dict|None:
     "The head config asked for by `labels` (names, a count, or data with a task) and `task`; None: keep the saved one."
     if task is None and isinstance(getattr(labels, "task", None), Task): task = labels.task
@@ -282,7 +313,9 @@ def load_classifier(
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelNotFoundError(f"{source!r} is not a model asset or a local folder, and the Hugging Face Hub could not "
                                  f"provide it ({first}). {_what_to_pass()}") from e
+    shapes = _weight_shapes(Path(source)) if not hub else {}
     head = _wanted_head(labels, task)
+    if not (new_head and head is not None): _check_saved_head(config, source, shapes)
     if head is not None:
         replace, head = _check_head(config, head, source, new_head)
         config.num_labels = head["num_labels"]    # also resizes a default id2label; then set the real maps

@@ -114,6 +114,9 @@ def encode(self, texts:Sequence[str]) -> list:
     if isinstance(texts, str): texts = [texts]
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad: raise TypeError(f"texts {bad[:5]} are not strings ({type(texts[bad[0]]).__name__}); pass a list of strings.")
+    blank = [i for i, t in enumerate(texts) if not t.strip()]
+    if blank: raise ValueError(f"texts {blank[:5]}{' ...' if len(blank) > 5 else ''} (positions from 0) are blank: a blank text has no answer. "
+                               "Leave them out before predicting.")
     return self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
                           return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,7 +17,7 @@ from .core import Issue, patch_to, plural, rows_text, short_repr
 
 # %% auto #0
 __all__ = ['Where', 'IGNORE_INDEX', 'TASKS', 'Task', 'is_missing', 'normalize_label', 'label_maps', 'ClassificationTask',
-           'RegressionTask', 'get_task', 'task_from_config', 'infer_task']
+           'spelling_key', 'RegressionTask', 'get_task', 'task_from_config', 'infer_task']
 
 # %% ../nbs/03a_tasks.ipynb #e7ab5fc9
 Where = Callable[[Sequence[int]], list]   # 0-based positions -> row names as the user sees them
@@ -165,6 +166,11 @@ class ClassificationTask(Task):
 def _issue(kind, column, pos, where, detail, fix, droppable=True) -> Issue:
     return Issue(kind, column, where(pos), detail, fix, droppable, list(pos))
 
+def spelling_key(label:str) -> str|int:
+    "What is left of a label once whitespace, letter case and the way a whole number is written are ignored."
+    key = " ".join(label.split()).casefold()
+    return int(key) if re.fullmatch(r"[+-]?[0-9]+", key) else key
+
 def _examples(values, pos, where, unit) -> str:
     return "; ".join(f"{unit} {w}: {type(values[i]).__name__} {short_repr(values[i])}" for i, w in zip(pos[:3], where(pos[:3])))
 
@@ -197,6 +203,19 @@ def check_targets(self, values:Sequence, where:Where, unit:str="row", column:str
         issues.append(_issue("mixed_labels", column, ints if len(ints) <= len(strs) else strs, where,
             f"labels mix integers ({rows_text(where(ints), unit, 4)}) and strings ({rows_text(where(strs), unit, 4)}).",
             "use one kind for every row: all class names, or all integer ids.", droppable=False))
+    spellings = {}   # spelling_key -> {label as written: [positions]}
+    for i in strs: spellings.setdefault(spelling_key(norm[i]), {}).setdefault(norm[i], []).append(i)
+    variants = [v for v in spellings.values() if len(v) > 1]
+    if variants:
+        variants = [sorted(v.items(), key=lambda kv: (-len(kv[1]), kv[1][0])) for v in variants]   # the usual spelling first
+        shown = "; ".join(", ".join(f"{l!r} ({rows_text(where(pos), unit, 4)})" for l, pos in v) for v in variants[:5])
+        more = f"; and {len(variants) - 5:,} more such groups" if len(variants) > 5 else ""
+        pos = sorted(i for v in variants for _, ps in v for i in ps)
+        issues.append(_issue("label_variants", column, pos, where,
+            f"{plural(len(variants), 'class', 'classes')} written in more than one way (differing only in whitespace, letter case "
+            f"or how a number is written), which would count as separate classes: {shown}{more}.",
+            f"write each class one way: correct the spelling in these rows or, where the spellings do mean one class, normalize "
+            f"the column before loading (e.g. df[{column!r}] = df[{column!r}].str.strip().str.lower()).", droppable=False))
     if self.fixed is not None:
         known = set(self.fixed)
         unknown = [i for i, x in enumerate(norm) if x is not None and x not in known]
