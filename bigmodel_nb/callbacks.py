@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import atomic_write, cpu_state_dict, in_notebook
+from .core import atomic_write, cpu_state_dict, in_notebook, say
 from .events import CancelFitException, Callback
 from .metrics import is_better, metrics_for
 
@@ -113,7 +113,7 @@ class KeepBest(Callback):
         if self.state is None: return
         self.learn.model.load_state_dict(self.state)
         if self.learn.history and self.best_epoch != self.learn.history[-1]["epoch"] and self.learn.is_main:
-            print(f"restored the weights of epoch {self.best_epoch} ({self.monitor} {self.best:.4f})")
+            say(f"restored the weights of epoch {self.best_epoch} ({self.monitor} {self.best:.4f})")
         if self.learn.out_dir is not None and self.learn.is_main: self.learn.save_model(self.learn.out_dir / "best")
     after_cancel_fit = after_fit
 
@@ -131,7 +131,7 @@ class EarlyStopping(Callback):
             self.wait += 1
             if self.wait >= self.patience:
                 self.stopped_epoch = self.learn.epoch + 1
-                if self.learn.is_main: print(f"early stop after epoch {self.stopped_epoch}: {self.monitor} has not improved for {self.patience} evaluations")
+                if self.learn.is_main: say(f"early stop after epoch {self.stopped_epoch}: {self.monitor} has not improved for {self.patience} evaluations")
                 raise CancelFitException()
 
 # %% ../nbs/05_callbacks.ipynb #6c9430de

@@ -22,9 +22,9 @@ import torch
 # %% auto #0
 __all__ = ['DEVICE_ENV', 'CACHE_ENV', 'PRECISION_CHOICES', 'PRECISIONS', 'REPORTED_PACKAGES', 'mps_available', 'get_device',
            'bf16_supported', 'autocast_dtype', 'precision_name', 'needs_loss_scaling', 'set_seed', 'run_context',
-           'in_notebook', 'cache_dir', 'warn', 'patch_to', 'atomic_write', 'cpu_state_dict', 'rng_state',
-           'set_rng_state', 'check_positive', 'check_nonnegative', 'check_fraction', 'check_seed', 'check_choice',
-           'plural', 'rows_text', 'short_repr', 'Issue', 'EnvReport', 'env_report']
+           'in_notebook', 'cache_dir', 'warn', 'patch_to', 'atomic_write', 'pid_alive', 'say', 'cpu_state_dict',
+           'rng_state', 'set_rng_state', 'check_positive', 'check_nonnegative', 'check_fraction', 'check_seed',
+           'check_choice', 'plural', 'rows_text', 'short_repr', 'Issue', 'EnvReport', 'env_report']
 
 # %% ../nbs/00_core.ipynb #837f5f7d
 DEVICE_ENV = "BIGMODEL_NB_DEVICE"  # environment variable that overrides the automatic device choice
@@ -216,6 +216,19 @@ def atomic_write(
     finally:
         if tmp.exists(): tmp.unlink()
     return path
+
+# %% ../nbs/00_core.ipynb #2e8fdca0
+def pid_alive(pid:int) -> bool:
+    "Whether a process with id `pid` runs on this machine (True when it cannot be told)."
+    if os.name == "nt" or pid <= 0: return True
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def say(*parts):
+    "A line for the person at the terminal or the notebook: on stderr, so that stdout keeps only results."
+    print(*parts, file=sys.stderr, flush=True)
 
 # %% ../nbs/00_core.ipynb #08efac53
 def cpu_state_dict(module:torch.nn.Module) -> dict:

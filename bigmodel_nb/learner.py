@@ -5,6 +5,7 @@
 # %% ../nbs/04_learner.ipynb #09c07ecf
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -21,8 +22,8 @@ import torch
 
 from .callbacks import CheckpointEvery, CSVLogger, ProgressCallback
 from .core import (PRECISION_CHOICES, atomic_write, autocast_dtype, check_choice, check_fraction, check_nonnegative,
-                              check_positive, check_seed, cpu_state_dict, get_device, needs_loss_scaling, patch_to, precision_name,
-                              rng_state, set_rng_state, set_seed, warn)
+                              check_positive, check_seed, cpu_state_dict, get_device, needs_loss_scaling, patch_to, pid_alive,
+                              precision_name, rng_state, say, set_rng_state, set_seed, warn)
 from .data import DynamicBatchSampler
 from .events import (EVENTS, CancelBatchException, CancelEpochException, CancelFitException, CancelStepException, Callback,
                                 check_event_names)   # EVENTS and Callback re-exported: code written for 0.1 imports them from here
@@ -31,11 +32,11 @@ from .models import model_dropout, quiet_transformers, set_dropout
 from .predict import Predictor, model_outputs
 
 # %% auto #0
-__all__ = ['HPARAMS', 'SCHEDULES', 'HParam', 'register_hparam', 'live_hparams', 'register_schedule', 'linear_schedule',
-           'cosine_schedule', 'one_cycle_schedule', 'constant_schedule', 'cosine_with_restarts', 'schedule_factor',
-           'check_schedule', 'Change', 'HParams', 'param_groups', 'fused_supported', 'make_optimizer',
-           'NonFiniteLossError', 'Learner', 'ModelWeights', 'TrainableWeights', 'TrainingProgress', 'RNGState',
-           'find_checkpoint', 'checkpoint_progress']
+__all__ = ['HPARAMS', 'SCHEDULES', 'STOP_SIGNALS', 'HParam', 'register_hparam', 'live_hparams', 'register_schedule',
+           'linear_schedule', 'cosine_schedule', 'one_cycle_schedule', 'constant_schedule', 'cosine_with_restarts',
+           'schedule_factor', 'check_schedule', 'Change', 'HParams', 'param_groups', 'fused_supported',
+           'make_optimizer', 'NonFiniteLossError', 'Learner', 'ModelWeights', 'TrainableWeights', 'TrainingProgress',
+           'RNGState', 'remove_stale_saves', 'find_checkpoint', 'read_checkpoint_state', 'checkpoint_progress']
 
 # %% ../nbs/04_learner.ipynb #38c8f9ae
 @dataclass(frozen=True)
@@ -345,12 +346,13 @@ class Learner:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.sync_every, self.max_bad_steps, self.show_progress, self.keep_good_copy = sync_every, max_bad_steps, progress, keep_good_copy
         self.default_cbs = default_cbs
+        self.resume_command = None        # how to resume, said when a run is stopped: e.g. a command line with "{path}" in it
         self.opt = self.sampler = self.scaler = None
         self.dtype = autocast_dtype(self.device, self.hp.precision)
         self.step = self.epoch = self.batches = self.samples_seen = self._micro = self.skipped_steps = 0
         self.train_loss, self.lr_now, self.grad_norm, self.metrics = float("nan"), 0.0, None, {}
         self.history, self.log = [], []
-        self._stop_requested, self.interrupted, self.error = False, False, None
+        self._stop_requested, self.stop_reason, self.stop_signal, self.interrupted, self.error = False, None, None, False, None
         self._group_start = self._good_state = None
         self._train_time, self._samples_at_fit_start, self._fit_start = 0.0, 0, time.perf_counter()
         self.states = {}
@@ -433,10 +435,10 @@ def fit(self,
     if epochs is not None: self.hp.epochs = epochs
     if lr is not None: self.hp.lr = lr
     if resume is None and self.step == 0 and self.batches == 0: set_seed(self.hp.seed)
-    self._stop_requested, self._stop_reason, self.interrupted, self.error = False, None, False, None
+    self._stop_requested, self.stop_reason, self.stop_signal, self.interrupted, self.error = False, None, None, False, None
     self._add_default_cbs()
     for name in HPARAMS: self._apply_hparam(name)
-    previous_handler = self._install_sigint()
+    previous_handlers = self._install_signals()
     self.hp._live = True
     self.model.train()
     self._fit_start, self._train_time, self._samples_at_fit_start = time.perf_counter(), 0.0, self.samples_seen
@@ -450,7 +452,7 @@ def fit(self,
     except CancelFitException:
         self._sync(check=False)
         self._call("after_cancel_fit")
-        if self._stop_requested: self._on_stopped(getattr(self, "_stop_reason", None) or "stop requested")
+        if self._stop_requested: self._on_stopped(self.stop_reason or "stop requested")
     except KeyboardInterrupt:
         self._recover_mid_batch()
         self._sync(check=False)
@@ -461,7 +463,7 @@ def fit(self,
         raise
     finally:
         self.hp._live = False
-        if previous_handler is not None: signal.signal(signal.SIGINT, previous_handler)
+        for signum, handler in previous_handlers.items(): signal.signal(signum, handler)
 
 @patch_to(Learner)
 def _apply_hparam(self, name:str):
@@ -485,7 +487,10 @@ def _run_epoch(self):
             while True:
                 if self._stop_requested and self._micro == 0: raise CancelFitException()
                 for name in self.hp.commit(self.step, self.batches): self._apply_hparam(name)
-                if self._micro == 0: self._group_start = (self.step, s.epoch, s.cursor, self.batches, self.samples_seen)
+                if self._micro == 0:
+                    self._group_start = (self.step, s.epoch, s.cursor, self.batches, self.samples_seen)
+                    self._group_rng = dict(torch=torch.get_rng_state(),   # a few kB, no device sync
+                                           cuda=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [])
                 indices = next(batches, None)
                 if indices is None: break
                 self._run_batch(indices)
@@ -656,16 +661,23 @@ def stopping(self) -> bool:
     "Whether training was asked to stop (by `stop()`, Ctrl-C or a dashboard) and has not started again since."
     return self._stop_requested
 
+STOP_SIGNALS = {getattr(signal, n): label for n, label in (("SIGINT", "Ctrl-C"), ("SIGTERM", "SIGTERM"), ("SIGHUP", "SIGHUP"))
+                if hasattr(signal, n)}   # the signals that stop a run cleanly (SIGHUP does not exist on Windows)
+
 @patch_to(Learner)
-def _install_sigint(self):
-    "First Ctrl-C: stop at the next step boundary. Second: interrupt at once. (Main thread only.)"
-    if threading.current_thread() is not threading.main_thread(): return None
+def _install_signals(self) -> dict:
+    "First Ctrl-C, SIGTERM or SIGHUP: stop at the next step boundary. A second one: stop at once. (Main thread only.)"
+    if threading.current_thread() is not threading.main_thread(): return {}
     def handler(signum, frame):
         if self._stop_requested: raise KeyboardInterrupt
-        self._stop_requested, self._stop_reason = True, "Ctrl-C"
-        print("\nstopping at the end of this step (press Ctrl-C again to stop at once)", flush=True)
-    try: return signal.signal(signal.SIGINT, handler)
-    except ValueError: return None
+        self._stop_requested, self.stop_reason, self.stop_signal = True, STOP_SIGNALS[signum], signum
+        again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {STOP_SIGNALS[signum]} again"
+        say(f"\nstopping at the end of this step ({STOP_SIGNALS[signum]}; {again} to stop at once)")
+    previous = {}
+    for signum in STOP_SIGNALS:
+        try: previous[signum] = signal.signal(signum, handler)
+        except (ValueError, OSError): pass
+    return previous
 
 @patch_to(Learner)
 def _on_stopped(self, why:str):
@@ -673,9 +685,9 @@ def _on_stopped(self, why:str):
     where = f"stopped at step {self.step} (epoch {self.epoch + 1}, {why})"
     if self.out_dir is not None and self.is_main:
         path = self.save_checkpoint()
-        print(f"{where}; checkpoint saved to {path}. Resume with `learn.fit(resume={str(path)!r})` "
-              f"or `bigmodel-nb finetune --resume {path}`.", flush=True)
-    else: print(f"{where}; the model keeps the weights of the last completed step.", flush=True)
+        how = self.resume_command.format(path=path) if self.resume_command else f"learn.fit(resume={str(path)!r})"
+        say(f"{where}; checkpoint saved to {path}. Resume with `{how}`.")
+    else: say(f"{where}; the model keeps the weights of the last completed step.")
 
 @patch_to(Learner)
 def _restore_if_broken(self) -> str:
@@ -692,6 +704,7 @@ def _recover_mid_batch(self):
     start = self._group_start
     if start is not None and start[0] == self.step:      # this step had not completed
         _, self.sampler.epoch, self.sampler.cursor, self.batches, self.samples_seen = start
+        set_rng_state(self._group_rng)                   # its dropout masks come again, the same
     self._micro = 0
 
 # %% ../nbs/04_learner.ipynb #01df1802
@@ -800,6 +813,11 @@ class TrainingProgress:
     def __init__(self, learn:Learner): self.learn = learn
     def state_dict(self) -> dict: return {k: getattr(self.learn, k) for k in self.KEYS}
     def load_state_dict(self, state:dict):
+        for k in ("step", "epoch", "batches", "samples_seen", "skipped_steps"):
+            if isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0:
+                raise ValueError(f"{k} is {state[k]!r}, where a whole number >= 0 belongs")
+        for k in ("history", "log"):
+            if not isinstance(state[k], list): raise ValueError(f"{k} is a {type(state[k]).__name__}, where a list belongs")
         for k in self.KEYS: setattr(self.learn, k, state[k])
         self.learn._micro = 0
 
@@ -858,20 +876,29 @@ def save_checkpoint(self, path:str|Path|None=None) -> Path:
     path = Path(path)
     if self.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_saves(path)
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         st = tmp / "training_state"
-        entries = {}
-        for name, s in self.states.items():
-            obj = s["obj"]
-            if callable(getattr(obj, "save", None)): obj.save(tmp); entries[name] = dict(saved="folder")
-            elif s["fmt"] == "json": entries[name] = dict(json=obj.state_dict())
-            else:
-                st.mkdir(parents=True, exist_ok=True)
-                torch.save(obj.state_dict(), st / f"{name}.pt"); entries[name] = dict(file=f"{name}.pt")
-        st.mkdir(parents=True, exist_ok=True)
-        record = dict(format=2, task=self.task.head_config(), entries=entries)
-        atomic_write(st / "state.json", json.dumps(record, indent=1, default=float))
+        entries, writing = {}, "the model"
+        try:
+            for name, s in self.states.items():
+                obj, writing = s["obj"], f"its {name!r} state"
+                if callable(getattr(obj, "save", None)): obj.save(tmp); entries[name] = dict(saved="folder")
+                elif s["fmt"] == "json": entries[name] = dict(json=obj.state_dict())
+                else:
+                    st.mkdir(parents=True, exist_ok=True)
+                    torch.save(obj.state_dict(), st / f"{name}.pt"); entries[name] = dict(file=f"{name}.pt")
+            writing = "its state.json"
+            st.mkdir(parents=True, exist_ok=True)
+            record = dict(format=2, task=self.task.head_config(), entries=entries)
+            atomic_write(st / "state.json", json.dumps(record, indent=1, default=float))
+        except (OSError, RuntimeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if getattr(e, "errno", None) != errno.ENOSPC and "No space left" not in str(e): raise
+            raise OSError(errno.ENOSPC, f"the disk is full: writing {writing} for the checkpoint {path} failed, and the half-written "
+                          f"copy was removed. {'The previous checkpoint there is intact. ' if path.exists() else ''}Free space on the "
+                          f"disk of {path.parent} (a checkpoint of this model takes about {_folder_mb(path)}), then resume or save again.") from e
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -881,6 +908,26 @@ def save_checkpoint(self, path:str|Path|None=None) -> Path:
         if old is not None: shutil.rmtree(old, ignore_errors=True)
     if self.accelerator is not None: self.accelerator.wait_for_everyone()
     return path
+
+# %% ../nbs/04_learner.ipynb #965cf618
+def _folder_mb(path:Path) -> str:
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 0
+    return f"{size / 2**20:.0f} MB" if size else "as much as the model's weights and twice that again for the optimizer"
+
+def remove_stale_saves(path:str|Path) -> list:
+    "Remove the temporary folders that saves of `path` cut short by processes no longer running left behind; the ones removed."
+    path, removed = Path(path), []
+    if not path.parent.is_dir(): return removed
+    complete = (path / "training_state" / "state.json").is_file()
+    for kind in ("tmp", "old"):
+        for leftover in path.parent.glob(f".{path.name}.{kind}-*"):
+            pid = leftover.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or pid_alive(int(pid)) or (kind == "old" and not complete): continue
+            size = _folder_mb(leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(f"{leftover.name} ({size})")
+    if removed: warn(f"removed what interrupted saves left in {path.parent}: {', '.join(removed)}")
+    return removed
 
 # %% ../nbs/04_learner.ipynb #1b6f41ee
 def find_checkpoint(path:str|Path) -> Path:
@@ -895,10 +942,29 @@ def find_checkpoint(path:str|Path) -> Path:
     hint = " It holds a model without training state: load it with `load_classifier` to fine-tune from it anew." if (path / "config.json").is_file() else ""
     raise FileNotFoundError(f"no checkpoint in {path}: it has no training_state/state.json.{hint}")
 
+def read_checkpoint_state(path:str|Path) -> dict:
+    "A checkpoint's `training_state/state.json`, checked for the keys its format needs; a `ValueError` names what is wrong."
+    path = find_checkpoint(path)
+    where = path / "training_state" / "state.json"
+    try:
+        state = json.loads(where.read_text())
+        if not isinstance(state, dict): raise ValueError(f"a JSON {type(state).__name__}, not an object")
+        fmt = state.get("format", 1)
+        needs = ("task", "entries") if fmt == 2 else ("labels", "hparams", "rng", *TrainingProgress.KEYS) if fmt == 1 else ()
+        lacking = [k for k in needs if k not in state]
+        if lacking: raise ValueError(f"it has no {', '.join(map(repr, lacking))}")
+        if fmt == 2:
+            if not isinstance(state["entries"], dict): raise ValueError("'entries' is not an object")
+            if not isinstance(state["entries"].get("progress"), dict) or not isinstance(state["entries"]["progress"].get("json"), dict):
+                raise ValueError("its 'progress' entry is missing or not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"the checkpoint's {where} is damaged ({e}): this run cannot resume from it. "
+                         "Resume from an earlier copy, or start a new run.") from None
+    return state
+
 def checkpoint_progress(path:str|Path) -> dict:
     "Where a checkpoint stopped: step, epoch, batches, samples seen, the running loss, the history (format 1 or 2)."
-    path = find_checkpoint(path)
-    state = json.loads((path / "training_state" / "state.json").read_text())
+    state = read_checkpoint_state(path)
     return state["entries"]["progress"]["json"] if state.get("format", 1) >= 2 else {k: state[k] for k in TrainingProgress.KEYS}
 
 def _format1_entries(path:Path, state:dict) -> dict:
@@ -918,7 +984,7 @@ def load_checkpoint(self, path:str|Path):
     "Restore every registered state (weights, optimizer, sampler, hyperparameters, history, random states) from a checkpoint folder."
     path = find_checkpoint(path)
     st = path / "training_state"
-    state = json.loads((st / "state.json").read_text())
+    state = read_checkpoint_state(path)
     fmt = state.get("format", 1)
     if fmt == 1:
         if state["labels"] != dict(self.model.config.label2id):
@@ -938,11 +1004,20 @@ def load_checkpoint(self, path:str|Path):
     for name, s in self.states.items():
         e = entries.get(name)
         if e is None: warn(f"the checkpoint in {path} holds no {name!r}: it starts fresh"); continue
-        obj = s["obj"]
-        if "saved" in e: obj.load(path)
-        elif "json" in e: obj.load_state_dict(e["json"])
-        elif "value" in e: obj.load_state_dict(e["value"])
-        else: obj.load_state_dict(torch.load(st / e["file"], map_location=self.device if name == "optimizer" else "cpu", weights_only=True))
+        obj, where = s["obj"], (st / e["file"] if isinstance(e, dict) and "file" in e else path)
+        try:
+            if not isinstance(e, dict): raise ValueError(f"its entry is a {type(e).__name__}, not an object")
+            if "saved" in e: obj.load(path)
+            elif "json" in e: obj.load_state_dict(e["json"])
+            elif "value" in e: obj.load_state_dict(e["value"])
+            else:
+                if not where.is_file(): raise FileNotFoundError(f"{where.name} is missing")
+                obj.load_state_dict(torch.load(where, map_location=self.device if name == "optimizer" else "cpu", weights_only=True))
+        except Exception as err:                                      # whatever a damaged file makes the reader raise (safetensors has its own)
+            if isinstance(err, OSError) and getattr(err, "errno", None) not in (None, errno.ENOENT): raise
+            raise ValueError(f"the checkpoint in {path} cannot be resumed: its {name!r} state ({where}) is missing, damaged or does "
+                             f"not fit this run ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Resume from an "
+                             "earlier copy, or start a new run.") from None
     unused = sorted(set(entries) - set(self.states))
     if unused: warn(f"the checkpoint in {path} also holds {', '.join(unused)}, which this run does not use (register them to restore them).")
     self._micro = 0

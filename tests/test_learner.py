@@ -146,7 +146,7 @@ def test_ctrl_c_stops_at_a_step_boundary_and_saves(tiny_bert_dir, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     done = [l for l in out.splitlines() if l.startswith("done")][0].split()
-    assert done[2] == "True" and "checkpoint saved to" in out and "resume=" in out
+    assert done[2] == "True" and "checkpoint saved to" in err and "resume=" in err          # messages go to stderr
     import json
     from bigmodel_nb.learner import checkpoint_progress
     state = checkpoint_progress(tmp_path / "run" / "checkpoint")
