@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -19,11 +20,12 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
-from .core import atomic_write, check_positive, env_report, get_device, precision_name, set_seed
+from .core import atomic_write, check_positive, check_seed, env_report, get_device, pid_alive, precision_name, say, set_seed
 
 # %% auto #0
-__all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'UsageError', 'cli_message', 'hparam_flags', 'finetune_defaults', 'load_data',
-           'saved_task', 'load_model', 'default_out', 'read_run', 'read_texts', 'predict_texts', 'build_parser', 'main']
+__all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'LOCK_FILE', 'EXIT_CODES', 'UsageError', 'cli_message', 'hparam_flags',
+           'finetune_defaults', 'load_data', 'saved_task', 'load_model', 'default_out', 'read_run', 'claim_out',
+           'read_texts', 'predict_texts', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #e6a136be
 class UsageError(Exception):
@@ -41,7 +43,13 @@ _FLAGS = [  # how the library's advice to Python callers reads on the command li
      "Or pass --drop-invalid to drop the rows named above (they are listed when the command runs)."),
     ("encoding='cp1252'", "--encoding cp1252"), ("encoding='latin-1'", "--encoding latin-1"),
     ("Pass the file's encoding", "Pass the file's encoding with --encoding"),
-    ("`list_assets()`", "`bigmodel-nb assets list`"), ("the `device` argument", "--device"), ("`data.report` lists them", "they are listed below"),
+    ("`list_assets()`", "`bigmodel-nb assets list`"), ("the `device` argument", "--device"), ("`data.report` lists them", "they are listed above"),
+    ("pass format='csv', 'tsv' or 'jsonl' (or sep=... for another delimiter)", "name the file .csv, .tsv or .jsonl, or pass --sep for another delimiter"),
+    ("pass sep=...", "pass --sep"), ("set valid_pct/test_pct to 0", "pass --valid-pct 0 / --test-pct 0"),
+    ("valid_pct=", "--valid-pct "), ("test_pct=", "--test-pct "),
+    ("e.g. `load_classifier(name, data)`", "e.g. --new-head to give it a fresh head for the data"),
+    ("or pass new_head=True to train a fresh head.", "or fine-tune it again with --new-head."),
+    ("pass duplicates='keep' to keep them with a warning", "`bigmodel-nb evaluate` keeps them (with a warning) in a file it only scores"),
 ]
 
 def cli_message(e:BaseException) -> str:
@@ -54,6 +62,7 @@ def cli_message(e:BaseException) -> str:
 # %% ../nbs/12_cli.ipynb #6b61be53
 FINETUNE_DEFAULTS = dict(  # what `bigmodel-nb finetune` does with no arguments (see the reasons above)
     data="movie_reviews", text_col="text", label_col="label", encoding="utf-8", drop_invalid=False, task="auto",
+    sep=None, valid_pct=0.1, test_pct=0.1,
     model="minilm", new_head=False, epochs=2, lr=1e-4, batch_size=32, max_length=128, precision="auto", seed=42,
 )
 
@@ -84,27 +93,33 @@ def load_data(
     encoding:str="utf-8",     # the file's text encoding
     split_all:bool=False,     # put every row in the train split (to evaluate on all rows)
     task:str="classification",# 'classification', 'regression', or 'auto' (decided from the label column)
+    sep:str|None=None,        # the field delimiter of a file (default: from the extension)
+    valid_pct:float=0.1,      # share of the rows (of each class) for valid, when the split is made here
+    test_pct:float=0.1,       # share of the rows (of each class) for test, when the split is made here
+    **kwargs,                 # passed on to `TextData`
 ):
     "The `TextData` that `--data` names, split like `finetune` splits it."
     from bigmodel_nb.assets import ASSETS
     from bigmodel_nb.data import DataWarning, TextData
-    kw = dict(seed=seed, task=task, **(dict(valid_pct=0.0, test_pct=0.0) if split_all else {}))
+    kw = dict(seed=seed, task=task, valid_pct=0.0 if split_all else valid_pct, test_pct=0.0 if split_all else test_pct, **kwargs)
     path = Path(source).expanduser()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)          # the report below says it better
         if path.is_file():
-            data = TextData.from_csv(path, text_col, label_col, encoding=encoding, on_invalid="drop" if drop_invalid else "raise", **kw)
+            data = TextData.from_csv(path, text_col, label_col, encoding=encoding, sep=sep, on_invalid="drop" if drop_invalid else "raise", **kw)
         elif source in ASSETS:
             if ASSETS[source].kind != "dataset":
                 raise UsageError(f"--data {source!r} is a {ASSETS[source].kind} asset, not a labelled dataset. "
                                  f"Dataset assets: {', '.join(_dataset_assets())}.")
+            if sep is not None: raise UsageError(f"--sep is for files; the asset {source!r} is read by its own reader.")
             data = TextData.from_asset(source, on_invalid="drop", text_col=text_col, label_col=label_col, **kw)
         elif path.exists():
             raise UsageError(f"--data {source}: this is a folder; pass a .csv, .tsv or .jsonl file, or a dataset asset name.")
         else:
             raise UsageError(f"--data {source!r} is neither a file nor a dataset asset. Pass a .csv, .tsv or .jsonl file "
                              f"(looked in {Path.cwd()}), or one of the dataset assets: {', '.join(_dataset_assets())}.")
-    if len(data.report.dropped): _say(str(data.report))
+    kept = [i for i in data.report.issues if i.droppable and not i.dropped and i.rows]
+    if len(data.report.dropped) or kept: _say(str(data.report))
     return data
 
 # %% ../nbs/12_cli.ipynb #b776857f
@@ -115,7 +130,14 @@ def _looks_local(name:str) -> bool:
 def _check_model_arg(model:str):
     from bigmodel_nb.assets import ASSETS
     from bigmodel_nb.models import ModelNotFoundError
-    if model in ASSETS or Path(model).expanduser().is_dir() or not _looks_local(model): return
+    folder = Path(model).expanduser()
+    if folder.is_dir() and not (folder / "config.json").exists() and (folder / RUN_FILE).is_file():
+        run = read_run(folder)
+        if run.get("status") != "done" and (folder / "checkpoint").is_dir():
+            raise UsageError(f"--model {model}: this run stopped before it finished (run.json says {run.get('status')!r}), so the "
+                             f"folder holds no final model. Continue it with `bigmodel-nb finetune --resume {folder / 'checkpoint'}`, "
+                             f"or use its last checkpoint as it is with --model {folder / 'checkpoint'}.")
+    if model in ASSETS or folder.is_dir() or not _looks_local(model): return
     raise ModelNotFoundError(f"--model {model}: there is no folder {Path(model).expanduser().resolve()}. Pass a folder "
                              "written by `bigmodel-nb finetune` (or by `save_pretrained`), a model asset name "
                              "(see `bigmodel-nb assets list`), or a Hugging Face Hub id.")
@@ -141,7 +163,8 @@ def load_model(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             m, tok = load_classifier(model, labels=labels, new_head=new_head)
-    except LabelMismatchError:
+    except LabelMismatchError as e:
+        if labels is None: raise UsageError(str(e)) from None      # nothing asked of the head: the folder disagrees with itself
         head, mine = saved_task(model), getattr(labels, "task", None)
         fix = ("Pass --new-head to train a fresh head for these labels." if not trained else
                "Use data with the labels the model was trained for.")
@@ -168,16 +191,23 @@ def _slug(name:str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in stem) or "run"
 
 def default_out(data:str, model:str, now:datetime|None=None, root:str|Path="runs") -> Path:
-    "`runs/<data>-<model>-<YYYYmmdd-HHMMSS>`, with a suffix if that folder exists already."
+    "`runs/<data>-<model>-<YYYYmmdd-HHMMSS>`, with a suffix if that folder exists already (`claim_out` then makes it the run's)."
     base = Path(root) / f"{_slug(data)}-{_slug(model)}-{(now or datetime.now()):%Y%m%d-%H%M%S}"
     out, k = base, 1
     while out.exists(): k += 1; out = base.with_name(f"{base.name}-{k}")
     return out
 
 def read_run(folder:str|Path) -> dict|None:
-    "The `run.json` record of a `finetune` output folder, or None."
-    try: return json.loads((Path(folder) / RUN_FILE).read_text())
-    except (OSError, ValueError): return None
+    "The `run.json` record of a `finetune` output folder; None if there is none; a `UsageError` if it is damaged."
+    path = Path(folder) / RUN_FILE
+    if not path.is_file(): return None
+    try: record = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is damaged ({type(e).__name__}: {e}), so what the run used is unknown. Restore it, or pass "
+                         "the settings yourself and start a new run.") from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings", {}), dict):
+        raise UsageError(f"{path} is not a run record (a JSON object with 'settings'); restore it, or start a new run.")
+    return record
 
 def _finite(v):
     "NaN and infinities as None, so that every JSON this command writes is standard JSON (a constant prediction has no correlation)."
@@ -189,12 +219,39 @@ def _finite(v):
 def _write_run(folder:Path, record:dict):
     atomic_write(folder / RUN_FILE, json.dumps(_finite(record), indent=1, default=str))
 
+LOCK_FILE = ".bigmodel-nb.lock"   # inside --out while a run writes there: who, since when
+
 def _check_out(out:Path):
     if out.exists() and not out.is_dir(): raise UsageError(f"--out {out} is a file; pass a folder name.")
-    if out.is_dir() and any(out.iterdir()):
+    files = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+    if files:
         hint = (f", or continue it with --resume {out / 'checkpoint'}" if (out / "checkpoint").is_dir() else "")
-        raise UsageError(f"--out {out} already holds files ({', '.join(sorted(p.name for p in out.iterdir())[:5])}): "
-                         f"pass a new folder{hint}.")
+        raise UsageError(f"--out {out} already holds files ({', '.join(files[:5])}): pass a new folder{hint}.")
+
+def claim_out(out:Path, command:str, resuming:bool=False) -> Path:
+    """Make `out` this run's, atomically: create it (a new run) and a lock file inside it that no other run can create too.
+    A second run on the same folder stops here, naming the first; a lock left by a process that no longer runs is taken over."""
+    if out.exists() and not out.is_dir(): raise UsageError(f"--out {out} is a file; pass a folder name.")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_FILE
+    for _ in range(2):
+        try: fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try: held = json.loads(lock.read_text())
+            except (OSError, ValueError): held = {}
+            pid = held.get("pid") if isinstance(held, dict) else None
+            if isinstance(pid, int) and pid_alive(pid):
+                raise UsageError(f"--out {out} is being written by another run (process {pid}, since {held.get('started', '?')}: "
+                                 f"{held.get('command', '?')}); wait for it to end, or pass another --out.") from None
+            lock.unlink(missing_ok=True)                   # left by a run that was killed: ours now
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(dict(pid=os.getpid(), started=datetime.now().isoformat(timespec="seconds"), command=command), f)
+        if not resuming:
+            try: _check_out(out)                              # another run may have written here between the check and the lock
+            except UsageError: lock.unlink(missing_ok=True); raise
+        return lock
+    raise UsageError(f"--out {out}: could not take its lock {lock}; remove it if no run uses the folder.")
 
 # %% ../nbs/12_cli.ipynb #e161756a
 def _settings_keys() -> tuple: return tuple(dict.fromkeys([*FINETUNE_DEFAULTS, *hparam_flags()]))
@@ -214,8 +271,7 @@ def _finetune_plan(args) -> tuple:
     if not args.resume:
         settings = _normalize({**finetune_defaults(), **given})
         out = Path(args.out) if args.out else default_out(settings["data"], settings["model"])
-        _check_out(out)
-        return settings, out, None, None
+        return settings, out, None, None                      # `claim_out` checks the folder, under its lock
     from bigmodel_nb.learner import find_checkpoint
     folder = Path(args.resume).expanduser()
     run = read_run(folder.parent)
@@ -223,6 +279,10 @@ def _finetune_plan(args) -> tuple:
         raise UsageError(f"the run in {folder.parent} has finished (its checkpoint is removed then); its model is "
                          f"{folder.parent}. Start a new run to train more, e.g. --model {folder.parent}.")
     checkpoint = find_checkpoint(folder)
+    if run is None and "data" not in given:
+        raise UsageError(f"--resume {folder}: there is no {RUN_FILE} in {folder.parent} to say what the run trained on, so pass "
+                         "--data (and the settings the run used: columns, seed, max length, hyperparameters) to continue it.")
+    out = Path(args.out).expanduser() if args.out else folder.parent   # another folder for the rest of the run: `claim_out` checks it is empty
     if run:
         saved = run["settings"]
         clash = [k for k, v in given.items() if k in saved and saved[k] != v]
@@ -232,7 +292,7 @@ def _finetune_plan(args) -> tuple:
                              "Drop these flags to resume, or start a new run with a new --out.")
         settings = {**finetune_defaults(), **saved}
     else: settings = _normalize({**finetune_defaults(), **given})
-    return settings, (Path(args.out) if args.out else folder.parent), checkpoint, run
+    return settings, out, checkpoint, run
 
 # %% ../nbs/12_cli.ipynb #08fd422d
 def _duration(s:float) -> str:
@@ -257,50 +317,80 @@ def _no_save_bars():
     finally:
         if was: tlog.enable_progress_bar()
 
+EXIT_CODES = {"Ctrl-C": 130, "SIGTERM": 143, "SIGHUP": 129}   # 128 + the signal's number, as shells report them
+
 def _cmd_finetune(args) -> int:
     with _no_save_bars(): return _finetune(args)
 
 def _finetune(args) -> int:
     t0 = time.perf_counter()
     settings, out, checkpoint, run = _finetune_plan(args)
+    resuming = checkpoint is not None and out.resolve() == checkpoint.parent.resolve()
+    for attempt in range(100):                              # a default folder taken by a run started the same second: the next name
+        created = not out.exists()
+        try: lock = claim_out(out, args.command_line, resuming); break
+        except UsageError:
+            if args.out or resuming or attempt == 99: raise
+            out = default_out(settings["data"], settings["model"])
+    try: return _finetune_in(args, t0, settings, out, checkpoint, run)
+    finally:
+        lock.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()): out.rmdir()   # a run refused before it wrote anything leaves nothing
+
+def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
+    from bigmodel_nb.callbacks import CheckpointEvery
+    from bigmodel_nb.data import DataWarning
     from bigmodel_nb.learner import HParams, Learner
     device = get_device(args.device)
     s = settings
     _say(f"data: {s['data']}")
-    data = load_data(s["data"], s["text_col"], s["label_col"], s["seed"], s["drop_invalid"], s["encoding"], task=s["task"])
+    data = load_data(s["data"], s["text_col"], s["label_col"], s["seed"], s["drop_invalid"], s["encoding"], task=s["task"],
+                     sep=s["sep"], valid_pct=s["valid_pct"], test_pct=s["test_pct"])
     _say(f"task: {data.task.name} ({data.task_reason}" + ("; choose with --task)" if s["task"] == "auto" else ")"))
     set_seed(s["seed"])                                       # the new head's initial weights
     source = str(checkpoint) if checkpoint is not None else s["model"]
     _say(f"model: {source}" + (" (fetched once, then cached)" if source == "minilm" else ""))
     model, tok = load_model(source, labels=data, new_head=s["new_head"] and checkpoint is None)
-    data.tokenize(tok, max_length=s["max_length"])
-    if len(data.report.truncated): _say(f"note: {len(data.report.truncated):,} texts are longer than {s['max_length']} tokens and were truncated (raise --max-length to keep more)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)          # the note below says it, with the flag to change it
+        data.tokenize(tok, max_length=s["max_length"])
+    if len(data.report.truncated):
+        rows = ", ".join(map(str, data.report.truncated.row.tolist()[:10])) + (", ..." if len(data.report.truncated) > 10 else "")
+        _say(f"note: {len(data.report.truncated):,} texts are longer than {s['max_length']} tokens and were truncated "
+             f"({data.source.unit}s {rows}); raise --max-length to keep more")
     split = "test" if "test" in data.splits else "valid"
     if split != "test": _say("note: the data's own split has no test rows, so the final metrics are on the valid rows")
     hp = HParams(seed=s["seed"], **{n: s[n] for n in hparam_flags() if s.get(n) is not None})
-    learn = Learner(model, data, hp, tokenizer=tok, out_dir=out, progress=args.progress, device=device)
+    cbs = [CheckpointEvery(steps=args.save_every)] if getattr(args, "save_every", None) else []
+    learn = Learner(model, data, hp, tokenizer=tok, out_dir=out, progress=args.progress, device=device, cbs=cbs)
+    learn.resume_command = f"bigmodel-nb finetune --resume {{path}}"
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.now().isoformat(timespec="seconds")
     if run and checkpoint is not None and Path(out).resolve() == checkpoint.parent.resolve():   # the same run, continued
         record = dict(run, status="running"); record.setdefault("resumed", []).append(dict(command=args.command_line, at=now))
     else: record = dict(format=1, command=args.command_line, settings=s, status="running", out=str(out), started=now)
+    if checkpoint is not None:
+        from bigmodel_nb.learner import checkpoint_progress
+        progress = checkpoint_progress(checkpoint)                # a damaged state.json stops here, before run.json changes
     _write_run(out, record)
     counts = " / ".join(f"{k} {len(data.dataset(k)):,}" for k in data.splits)
     if checkpoint is not None:
-        from bigmodel_nb.learner import checkpoint_progress
-        progress = checkpoint_progress(checkpoint)
         _say(f"resuming from {checkpoint}: step {progress['step']}, {progress['samples_seen']:,} samples seen")
     _say(f"training on {learn.device} in {precision_name(learn.dtype)}: {counts} rows, {s['epochs']} epochs, "
          f"lr {s['lr']:g}, batch size {s['batch_size']}, max length {s['max_length']}")
     try: learn.fit(resume=checkpoint)
     except Exception as e:
-        record.update(status="failed", error=f"{type(e).__name__}: {e}"); _write_run(out, record)
+        if checkpoint is not None and learn.train_seconds == 0 and run and record.get("resumed"):
+            # refused before a single batch: the run is as resumable as before, once its checkpoint is repaired
+            record.update(status=run.get("status", "interrupted")); record["resumed"][-1]["refused"] = f"{type(e).__name__}: {e}"
+        else: record.update(status="failed", error=f"{type(e).__name__}: {e}")
+        _write_run(out, record)
         raise
     if learn.interrupted:
         record.update(status="interrupted", step=learn.step); _write_run(out, record)
         _say(f"bigmodel-nb finetune: interrupted at step {learn.step}; the checkpoint is in {out / 'checkpoint'}. Continue with:\n"
              f"  bigmodel-nb finetune --resume {out / 'checkpoint'}")
-        return 130
+        return EXIT_CODES.get(learn.stop_reason, 130)
     metrics = learn.evaluate(split)
     learn.save_model(out)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
@@ -328,10 +418,12 @@ def _finetune(args) -> int:
 
 # %% ../nbs/12_cli.ipynb #56bc68a7
 def _max_length(value:int|None, tokenizer) -> int:
-    "`value`, else the model's own limit (at most 512 tokens)."
-    if value: return value
+    "`value` (checked against the model's limit), else the model's own limit (at most 512 tokens)."
     from bigmodel_nb.data import model_max_length
-    return min(model_max_length(tokenizer) or 512, 512)
+    limit = model_max_length(tokenizer)
+    if value and limit and value > limit:
+        raise UsageError(f"--max-length {value} is more than the model takes ({limit} tokens); pass at most {limit}.")
+    return value or min(limit or 512, 512)
 
 def _cmd_evaluate(args) -> int:
     t0 = time.perf_counter()
@@ -344,8 +436,12 @@ def _cmd_evaluate(args) -> int:
     head = saved_task(args.model)
     same = _normalize({"data": source})["data"] == saved.get("data")
     pick = lambda k: getattr(args, k) if getattr(args, k) is not None else (saved.get(k) if same and k in saved else FINETUNE_DEFAULTS[k])
+    args.split = args.split or ("test" if same else "all")   # the run's own data: the rows it held out; other data: every row
+    if not same and args.data and not args.json and args.split == "all":
+        _say(f"--data {source} is not what {args.model} was trained on, so every row is scored (--split test scores only its test rows)")
     data = load_data(source, pick("text_col"), pick("label_col"), pick("seed"), pick("drop_invalid"), pick("encoding"),
-                     split_all=args.split == "all", task=head.name)
+                     split_all=args.split == "all", task=head.name, sep=pick("sep"), valid_pct=pick("valid_pct"), test_pct=pick("test_pct"),
+                     duplicates=None if same else "keep")           # a file only scored may repeat a text: counted twice, and said
     split = "train" if args.split == "all" else args.split
     if split not in data.splits:
         raise UsageError(f"the data has no {args.split!r} rows (its splits: {', '.join(data.splits)}); pick one with --split, or --split all.")
@@ -374,7 +470,7 @@ def read_texts(
     text_col:str="text",   # the column (JSON key) with the texts, for .csv/.tsv/.jsonl files
     encoding:str="utf-8",  # the file's text encoding
 ) -> list:
-    "The non-blank texts of `--file`."
+    "`(where, text)` for every text of `--file`, blank ones included: 'line 3' of a text file or a CSV, 'line 3' of a JSON Lines file."
     from bigmodel_nb.data import FORMATS, read_table
     if path == "-": raw, name = sys.stdin.buffer.read(), "standard input"
     else:
@@ -385,14 +481,14 @@ def read_texts(
             df = read_table(p, encoding=encoding)
             if text_col not in df.columns:
                 raise UsageError(f"{p} has no column {text_col!r} (its columns: {', '.join(map(repr, df.columns))}); name the text column with --text-col.")
-            return [t for t in df[text_col] if isinstance(t, str) and t.strip()]
+            return [(f"line {line}", t if isinstance(t, str) else "") for line, t in zip(df.index, df[text_col])]
         raw, name = p.read_bytes(), str(p)
     try: text = raw.decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise UsageError(f"{name}: byte {raw[e.start:e.start + 1]!r} on line {line} is not valid {encoding}; "
                          "pass the file's encoding, e.g. --encoding cp1252 (Excel on Windows) or --encoding latin-1.") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return [(f"line {i}", line.strip()) for i, line in enumerate(text.splitlines(), 1)]
 
 def _rounded(v, digits:int=6):
     if isinstance(v, float): return round(v, digits)
@@ -417,7 +513,13 @@ def predict_texts(
 def _cmd_predict(args) -> int:
     if bool(args.texts) == bool(args.file):
         raise UsageError("give the texts as arguments or with --file F (one of the two).")
-    texts = args.texts or read_texts(args.file, args.text_col, args.encoding)
+    named = [(f"argument {i}", t) for i, t in enumerate(args.texts, 1)] if args.texts else read_texts(args.file, args.text_col, args.encoding)
+    blank = [where for where, t in named if not t.strip()]
+    if blank and not args.skip_blank:
+        raise UsageError(f"{len(blank):,} blank text{'s' if len(blank) > 1 else ''} ({', '.join(blank[:8])}{', ...' if len(blank) > 8 else ''}): "
+                         "a blank text has no answer. Remove them, or pass --skip-blank to leave them out (and have them counted).")
+    if blank: _say(f"skipped {len(blank):,} blank text{'s' if len(blank) > 1 else ''}: {', '.join(blank[:8])}{', ...' if len(blank) > 8 else ''}")
+    texts = [t for _, t in named if t.strip()]
     if not texts: raise UsageError(f"--file {args.file} holds no text.")
     model, tok = load_model(args.model, trained=True)
     saved = (read_run(args.model) or {}).get("settings", {}) if Path(args.model).expanduser().is_dir() else {}
@@ -480,7 +582,17 @@ def _checked(spec):
     parse.__name__ = kind.__name__                     # what argparse names in its own messages
     return parse
 
-_EPILOG = "exit codes: 0 success, 1 unexpected error (see --debug), 2 bad usage or bad input, 130 stopped with Ctrl-C"
+def _seed_type(text:str) -> int:
+    try: return check_seed("it", int(text))
+    except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not a seed: use a whole number from 0 to 2**32 - 1") from None
+
+def _fraction_type(text:str) -> float:
+    from bigmodel_nb.core import check_fraction
+    try: return check_fraction("it", float(text))
+    except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1), such as 0.1") from None
+
+_EPILOG = ("exit codes: 0 success, 1 unexpected error (see --debug), 2 bad usage or bad input, "
+           "130/143/129 stopped by Ctrl-C/SIGTERM/SIGHUP (finetune saves a checkpoint first)")
 
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `bigmodel-nb` and its sub-commands."
@@ -498,8 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--text-col", metavar="COL", help="the column with the texts" + dflt("text_col"))
         g.add_argument("--label-col", metavar="COL", help="the column with the labels, or the numbers for a regression" + dflt("label_col"))
         g.add_argument("--encoding", metavar="ENC", help="the file's encoding, e.g. cp1252 or latin-1" + dflt("encoding"))
+        g.add_argument("--sep", metavar="CHAR", help="the field delimiter of a file (default: comma for .csv, tab for .tsv)")
         g.add_argument("--drop-invalid", action="store_true", default=None, help="drop (and list) rows that fail the checks instead of stopping")
-        g.add_argument("--seed", type=int, help="seed of the train/valid/test split" + (" and of training" + dflt("seed") if defaults else " (default: the run's, else 42)"))
+        g.add_argument("--seed", type=_seed_type, help="seed of the train/valid/test split" + (" and of training" + dflt("seed") if defaults else " (default: the run's, else 42)"))
+        g.add_argument("--valid-pct", type=_fraction_type, metavar="FRAC", help="share of the rows (of each class) held out for validation" + dflt("valid_pct"))
+        g.add_argument("--test-pct", type=_fraction_type, metavar="FRAC", help="share of the rows (of each class) held out for the final test" + dflt("test_pct"))
         return g
 
     ft = sub.add_parser("finetune", parents=[common], epilog=_EPILOG, help="fine-tune a model on a dataset or file, evaluate it, save it",
@@ -525,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = ft.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="folder for the model, run.json and history.csv (default: runs/<data>-<model>-<date>-<time>)")
     g.add_argument("--resume", metavar="DIR", help="continue a stopped run from its checkpoint folder (OUT/checkpoint); its settings come from OUT/run.json")
+    g.add_argument("--save-every", type=_positive(int), metavar="STEPS", help="also save a checkpoint every this many optimizer steps (default: after each epoch only)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic, or $BIGMODEL_NB_DEVICE)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout (everything else goes to stderr)")
@@ -535,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "rows, split as `finetune` splits them; for a `finetune` output folder, --data and its settings default to the run's.")
     ev.add_argument("--model", metavar="DIR", required=True, help="a folder written by `bigmodel-nb finetune` (or any saved classifier)")
     data_flags(ev, False)
-    ev.add_argument("--split", choices=("test", "valid", "train", "all"), default="test", help="the rows to score (default: test)")
+    ev.add_argument("--split", choices=("test", "valid", "train", "all"), help="the rows to score (default: the test rows of the run's own data, every row of other data)")
     ev.add_argument("--max-length", type=_positive(int), help="truncate texts to this many tokens (default: the run's, else the model's limit up to 512)")
     ev.add_argument("--batch-size", type=_positive(int), default=64, help="texts per forward pass (default: 64)")
     ev.add_argument("--no-baselines", dest="baselines", action="store_false", help="score the model alone, without the constant and TF-IDF baselines")
@@ -551,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--file", metavar="F", help="read the texts from F: a .csv/.tsv/.jsonl file's text column, or one text per line ('-': stdin)")
     pr.add_argument("--text-col", metavar="COL", default="text", help="the column with the texts in a .csv/.tsv/.jsonl --file (default: text)")
     pr.add_argument("--encoding", metavar="ENC", default="utf-8", help="the encoding of --file (default: utf-8)")
+    pr.add_argument("--skip-blank", action="store_true", help="leave out blank texts (they are counted on stderr) instead of refusing them")
     pr.add_argument("--max-length", type=_positive(int), help="truncate texts to this many tokens (default: the run's, else the model's limit up to 512)")
     pr.add_argument("--batch-size", type=_positive(int), default=64, help="texts per forward pass (default: 64)")
     pr.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic)")
@@ -570,12 +687,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/12_cli.ipynb #26bb97b4
+_NEGATIVE = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", re.I)
+
+def _negative_values(argv:list) -> list:
+    "`--lr -1e-4` as `--lr=-1e-4`: argparse takes a value that looks like an option for one (here it is a negative number)."
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and _NEGATIVE.fullmatch(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}"); i += 2
+        else: out.append(argv[i]); i += 1
+    return out
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {cli_message(message)}", file=sys.stderr, flush=True)
 
 def main(argv:list|None=None) -> int:
     "Entry point of the `bigmodel-nb` console script; returns the exit code."
-    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = _negative_values([str(a) for a in (sys.argv[1:] if argv is None else argv)])
     parser = build_parser()
     try: args = parser.parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)   # --help, or a usage error

@@ -106,7 +106,11 @@ def test_predict_prints_one_json_line_per_text(trained, tmp_path, capsys):
         assert sum(l["probs"].values()) == pytest.approx(1, abs=1e-4) and l["probs"][l["label"]] == max(l["probs"].values())
     (tmp_path / "texts.txt").write_text("first text\n\nsecond text\n")
     code, stdout, err = run_main(capsys, "predict", "--model", out, "--file", tmp_path / "texts.txt")
-    assert code == 0 and [json.loads(l)["text"] for l in stdout.splitlines()] == ["first text", "second text"]
+    assert code == 2 and "blank text (line 2)" in err and "--skip-blank" in err and not stdout     # a blank text has no answer
+    code, stdout, err = run_main(capsys, "predict", "--model", out, "--file", tmp_path / "texts.txt", "--skip-blank")
+    assert code == 0 and [json.loads(l)["text"] for l in stdout.splitlines()] == ["first text", "second text"] and "line 2" in err
+    code, stdout, err = run_main(capsys, "predict", "--model", out, "a film", "  ")
+    assert code == 2 and "argument 2" in err
     (tmp_path / "texts.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n{"body": "three"}\n')
     code, stdout, err = run_main(capsys, "predict", "--model", out, "--file", tmp_path / "texts.jsonl", "--text-col", "body")
     assert code == 0 and len(stdout.splitlines()) == 3
@@ -154,7 +158,7 @@ BAD = {  # what is wrong: (arguments, a phrase the message must hold)
     "out in use":       (["finetune", "--data", "{csv}", "--out", "{bad}/busy"], "already holds files"),
     "no checkpoint":    (["finetune", "--resume", "{bad}/busy"], "no checkpoint"),
     "other labels":     (["evaluate", "--model", "{run}", "--data", "{bad}/spam.csv"], "trained for the labels ['negative', 'positive']"),
-    "no such split":    (["evaluate", "--model", "{run}", "--data", "{bad}/split.csv"], "the data has no 'test' rows"),
+    "no such split":    (["evaluate", "--model", "{run}", "--data", "{bad}/split.csv", "--split", "test"], "the data has no 'test' rows"),
     "no texts":         (["predict", "--model", "{run}"], "give the texts as arguments or with --file"),
     "no such --file":   (["predict", "--model", "{run}", "--file", "{bad}/nothing.txt"], "no such file"),
     "untrained head":   (["predict", "--model", "minilm", "some text"], "has no trained head"),
