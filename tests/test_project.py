@@ -1,5 +1,6 @@
 "The project's shape: README in step with its notebook, CI calling README's test command, notebooks ready for Colab."
 import json
+import os
 import re
 import subprocess
 import sys
@@ -66,10 +67,19 @@ def test_settings_and_setup():
         assert needed in names, needed
     assert not names & {"jupyterlab", "nbdev", "pytest", "playwright", "fastcore", "fastprogress"}
     assert all("==" not in r for r in reqs), "runtime requirements are floors, never pins"
+    floors = {re.split(r"[<>=!~ ]", r)[0].lower(): r for r in reqs}
+    from packaging.requirements import Requirement
+    assert not Requirement(floors["torch"]).specifier.contains("2.4.1"), "the Learner needs torch >= 2.5 (torch.OutOfMemoryError, fused AdamW on the CPU)"
+    assert re.search(r"^min_python = 3\.1\d$", ini, flags=re.M), "the quick start's torch needs Python >= 3.10"
+    assert not Requirement(floors["transformers"]).specifier.contains("5.5.4"), "transformers < 5.6 saves LayerNorm weights a checkpoint cannot load"
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+(>=[0-9.]+)?", r) for r in reqs), "plain `name>=X` floors, so .ci/floors can install each at X"
+    assert os.access(ROOT / ".ci" / "floors", os.X_OK)
     dev = re.search(r"^dev_requirements = (.*)$", ini, flags=re.M).group(1).split()
     assert {"nbdev==2.4.14", "fastcore<2", "execnb<0.2"} <= set(dev)
     assert set(re.search(r"^tst_flags = (.*)$", ini, flags=re.M).group(1).split()) >= {"slow", "cuda", "browser"}
     assert "pkg_resources" not in (ROOT / "setup.py").read_text().replace("imports `pkg_resources`", "")
+    meta = subprocess.run([sys.executable, "setup.py", "--license", "--classifiers"], capture_output=True, text=True, cwd=ROOT).stdout
+    assert meta.splitlines()[0] == "Apache-2.0" and "License ::" not in meta       # an SPDX identifier, not the deprecated classifier
 
 
 def test_every_notebook_installs_itself_on_colab():
