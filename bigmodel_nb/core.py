@@ -5,12 +5,14 @@
 # %% ../nbs/00_core.ipynb #5915614f
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import math
 import os
 import platform
 import random
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +24,9 @@ import torch
 # %% auto #0
 __all__ = ['DEVICE_ENV', 'CACHE_ENV', 'PRECISION_CHOICES', 'PRECISIONS', 'REPORTED_PACKAGES', 'mps_available', 'get_device',
            'bf16_supported', 'autocast_dtype', 'precision_name', 'needs_loss_scaling', 'set_seed', 'run_context',
-           'in_notebook', 'cache_dir', 'warn', 'patch_to', 'atomic_write', 'pid_alive', 'say', 'cpu_state_dict',
-           'rng_state', 'set_rng_state', 'check_positive', 'check_nonnegative', 'check_fraction', 'check_seed',
-           'check_choice', 'plural', 'rows_text', 'short_repr', 'Issue', 'EnvReport', 'env_report']
+           'in_notebook', 'cache_dir', 'warn', 'patch_to', 'atomic_write', 'pid_alive', 'say', 'say_to',
+           'cpu_state_dict', 'rng_state', 'set_rng_state', 'check_positive', 'check_nonnegative', 'check_fraction',
+           'check_seed', 'check_choice', 'plural', 'rows_text', 'short_repr', 'Issue', 'EnvReport', 'env_report']
 
 # %% ../nbs/00_core.ipynb #837f5f7d
 DEVICE_ENV = "BIGMODEL_NB_DEVICE"  # environment variable that overrides the automatic device choice
@@ -226,9 +228,20 @@ def pid_alive(pid:int) -> bool:
     except PermissionError: return True
     return True
 
+_SAY = threading.local()   # per thread: where `say` sends its lines (unset: stderr)
+
 def say(*parts):
-    "A line for the person at the terminal or the notebook: on stderr, so that stdout keeps only results."
+    "A line for the person at the terminal or the notebook: on stderr, so that stdout keeps only results (or where `say_to` sends this thread's lines)."
+    to = getattr(_SAY, "to", None)
+    if to is not None: return to(" ".join(map(str, parts)).strip())
     print(*parts, file=sys.stderr, flush=True)
+
+@contextlib.contextmanager
+def say_to(fn):
+    "Within the block, this thread's `say` lines go to `fn(line)` instead of stderr (a dashboard shows them in its panel)."
+    before, _SAY.to = getattr(_SAY, "to", None), fn
+    try: yield
+    finally: _SAY.to = before
 
 # %% ../nbs/00_core.ipynb #08efac53
 def cpu_state_dict(module:torch.nn.Module) -> dict:
