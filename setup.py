@@ -24,6 +24,10 @@ lic = licenses.get(cfg["license"].lower(), cfg["license"])
 min_python = cfg["min_python"]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
+extras = {k[: -len("_requirements")]: v.split() for k, v in cfg.items()
+          if k.endswith("_requirements") and k not in ("dev_requirements",)}     # tracking_requirements -> [tracking]
+extras["all"] = sorted({r for reqs in extras.values() for r in reqs})
+extras["dev"] = dev_requirements + extras["all"]
 console_scripts = cfg.get("console_scripts", "").split()
 
 setuptools.setup(
@@ -40,7 +44,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg["lib_name"], cfg["lib_name"] + ".*"]),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={"dev": dev_requirements},
+    extras_require=extras,
     python_requires=">=" + min_python,
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -337,12 +337,19 @@ def _finetune(args) -> int:
         lock.unlink(missing_ok=True)
         if created and out.is_dir() and not any(out.iterdir()): out.rmdir()   # a run refused before it wrote anything leaves nothing
 
+def _trackers(kinds) -> list:
+    "The `--log` callbacks; each writes under the run's folder (OUT/tensorboard, OUT/mlruns)."
+    from bigmodel_nb.tracking import tracking_callback
+    try: return [tracking_callback(k) for k in dict.fromkeys(kinds or [])]
+    except ImportError as e: raise UsageError(str(e)) from None
+
 def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
     from bigmodel_nb.callbacks import CheckpointEvery
     from bigmodel_nb.data import DataWarning
     from bigmodel_nb.learner import HParams, Learner
     device = get_device(args.device)
     s = settings
+    trackers = _trackers(getattr(args, "log", None))          # a missing package is said now, before anything loads
     _say(f"data: {s['data']}")
     data = load_data(s["data"], s["text_col"], s["label_col"], s["seed"], s["drop_invalid"], s["encoding"], task=s["task"],
                      sep=s["sep"], valid_pct=s["valid_pct"], test_pct=s["test_pct"])
@@ -361,7 +368,7 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
     split = "test" if "test" in data.splits else "valid"
     if split != "test": _say("note: the data's own split has no test rows, so the final metrics are on the valid rows")
     hp = HParams(seed=s["seed"], **{n: s[n] for n in hparam_flags() if s.get(n) is not None})
-    cbs = [CheckpointEvery(steps=args.save_every)] if getattr(args, "save_every", None) else []
+    cbs = ([CheckpointEvery(steps=args.save_every)] if getattr(args, "save_every", None) else []) + trackers
     learn = Learner(model, data, hp, tokenizer=tok, out_dir=out, progress=args.progress, device=device, cbs=cbs)
     learn.resume_command = f"bigmodel-nb finetune --resume {{path}}"
     out.mkdir(parents=True, exist_ok=True)
@@ -642,6 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="DIR", help="continue a stopped run from its checkpoint folder (OUT/checkpoint); its settings come from OUT/run.json")
     g.add_argument("--save-every", type=_positive(int), metavar="STEPS", help="also save a checkpoint every this many optimizer steps (default: after each epoch only)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic, or $BIGMODEL_NB_DEVICE)")
+    g.add_argument("--log", action="append", choices=("tensorboard", "mlflow"), metavar="{tensorboard,mlflow}",
+                   help="also record the run, every hyperparameter change included, as TensorBoard event files (OUT/tensorboard) "
+                        "or a local MLflow store (OUT/mlruns); repeat for both. Needs the tracking extra: pip install \"bigmodel_nb[tracking]\"")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout (everything else goes to stderr)")
     ft.set_defaults(run=_cmd_finetune)
