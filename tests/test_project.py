@@ -9,6 +9,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import make_readme  # noqa: E402
+import colab  # noqa: E402
 
 
 def quick_start_commands():
@@ -90,6 +91,21 @@ def test_every_notebook_installs_itself_on_colab():
         first = code[1] if "default_exp" in "".join(code[0]["source"]) else code[0]
         src = "".join(first["source"])
         assert "google.colab" in src and "pip install" in src, f"{p.name}: the first code cell must install the package on Colab"
+        assert colab.install_command() in src or colab.install_command("[tracking]") in src, f"{p.name}: run python tools/colab.py"
+
+
+def test_colab_cells_and_badges_follow_settings_ini():
+    cfg = colab.settings()
+    assert colab.stale() == [], "run python tools/colab.py"
+    lessons = sorted((ROOT / "nbs" / "course").glob("*.ipynb"))
+    readme = (ROOT / "README.md").read_text()
+    for p in lessons:
+        title = "".join(next(c for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "markdown")["source"])
+        url = f"https://colab.research.google.com/github/{cfg['git_url'].split('github.com/')[1]}/blob/{cfg['branch']}/nbs/course/{p.name}"
+        assert url in title and url in readme, p.name
+    moved = {**cfg, "git_url": "https://github.com/someone-else/fork", "branch": "dev"}     # publishing elsewhere: one line
+    assert len(colab.stale(moved)) == len(colab.notebooks())
+    assert colab.install_command(cfg=moved) == '%pip install -q "bigmodel_nb @ git+https://github.com/someone-else/fork@dev"'
 
 
 def test_exported_modules_are_marked_generated():
