@@ -537,9 +537,7 @@ class TrainerRun:
         "Run `trainer.train()`; after a stop, continue from the checkpoint the stop saved."
         resume = self.interrupted and any(self.out_dir.glob("checkpoint-*"))
         self._stop, self.interrupted, self.error = False, False, None
-        self.hp._live = True
-        try: self.trainer.train(resume_from_checkpoint=True if resume else None)
-        finally: self.hp._live = False
+        with self.hp.running(): self.trainer.train(resume_from_checkpoint=True if resume else None)
         self.interrupted = self._stop
 
     def stop(self):

@@ -5,6 +5,7 @@
 # %% ../nbs/04_learner.ipynb #09c07ecf
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -201,6 +202,13 @@ class HParams:
     def live(self) -> bool:
         "Whether training runs: changes then wait for the next batch boundary."
         return self._live
+
+    @contextlib.contextmanager
+    def running(self):
+        "Within the block training runs: `set` holds changes for the loop's next `commit` (a loop other than `Learner.fit` uses this, e.g. a steered `Trainer`)."
+        self._live = True
+        try: yield self
+        finally: self._live = False
 
     def set(self, source:str="user", **changes):
         "Change one or more values (checked first). While training runs they apply at the next batch boundary."
