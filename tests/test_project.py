@@ -103,6 +103,8 @@ def test_colab_cells_and_badges_follow_settings_ini():
         title = "".join(next(c for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "markdown")["source"])
         url = f"https://colab.research.google.com/github/{cfg['git_url'].split('github.com/')[1]}/blob/{cfg['branch']}/nbs/course/{p.name}"
         assert url in title and url in readme, p.name
+    for path in re.findall(r"colab\.research\.google\.com/github/[^/]+/[^/]+/blob/[^/]+/([^)\s]+)", readme):
+        assert (ROOT / path).is_file(), f"README links to {path}, which does not exist"
     moved = {**cfg, "git_url": "https://github.com/someone-else/fork", "branch": "dev"}     # publishing elsewhere: one line
     assert len(colab.stale(moved)) == len(colab.notebooks())
     assert colab.install_command(cfg=moved) == '%pip install -q "bigmodel_nb @ git+https://github.com/someone-else/fork@dev"'

@@ -63,11 +63,12 @@ def _with_badge(src: str, link: str) -> str:
 
 
 def _table_links(src: str, cfg: dict) -> str:
-    "README's lesson table (nbs/index.ipynb): each lesson's name followed by its link."
+    "README's tables (nbs/index.ipynb): each lesson of nbs/course followed by its link; other notebooks without one."
     def row(m):
         name = m.group(1)
-        return f"| `{name}` {badge(ROOT / 'nbs' / 'course' / name, cfg)} |"
-    return re.sub(r"^\| `(\d\d_\w+\.ipynb)`(?: \[!\[Open In Colab\]\([^)]*\)\]\([^)]*\))? \|", row, src, flags=re.M)
+        lesson = ROOT / "nbs" / "course" / name
+        return f"| `{name}` {badge(lesson, cfg)} |" if lesson.exists() else f"| `{name}` |"
+    return re.sub(r"^\| `(\w+\.ipynb)`(?: \[!\[Open In Colab\]\([^)]*\)\]\([^)]*\))? \|", row, src, flags=re.M)
 
 
 def updated(path: Path, cfg: dict) -> str:
