@@ -18,7 +18,8 @@ from .events import CancelFitException, Callback
 from .metrics import is_better, metrics_for
 
 # %% auto #0
-__all__ = ['ProgressCallback', 'CSVLogger', 'KeepBest', 'EarlyStopping', 'CheckpointEvery', 'LRFindResult', 'lr_find']
+__all__ = ['ProgressCallback', 'CSVLogger', 'KeepBest', 'EarlyStopping', 'CheckpointEvery', 'ValidateEvery', 'LRFindResult',
+           'lr_find']
 
 # %% ../nbs/05_callbacks.ipynb #256e9fc2
 def _fmt_cell(v) -> str:
@@ -143,6 +144,18 @@ class CheckpointEvery(Callback):
         if self.steps and self.learn.step % self.steps == 0: self.learn.save_checkpoint()
     def after_epoch(self):
         if self.epochs: self.learn.save_checkpoint()
+
+# %% ../nbs/05_callbacks.ipynb #5e1d0a02
+class ValidateEvery(Callback):
+    "Validate every `steps` optimizer steps as well as after each epoch (rows of `learn.history`; needs a 'valid' split)."
+    order = 50
+    def __init__(self, steps:int):
+        if not isinstance(steps, int) or steps < 1: raise ValueError(f"steps={steps!r}; pass a whole number of optimizer steps, at least 1.")
+        self.steps = steps
+    def after_step(self):
+        learn, s = self.learn, self.learn.sampler
+        mid_epoch = s.epoch == learn.epoch and s.cursor > 0               # the epoch's last step is validated by the epoch
+        if learn.valid_ds is not None and learn.step % self.steps == 0 and mid_epoch: learn.validate()
 
 # %% ../nbs/05_callbacks.ipynb #e1a0682f
 @dataclass

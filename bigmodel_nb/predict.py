@@ -69,6 +69,11 @@ def forward(self, batch:dict) -> torch.Tensor:
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         return model_outputs(self.model(**inputs)).float()
 
+@patch_to(Predictor)
+def _batch_outputs(self, batch:dict) -> torch.Tensor:
+    labels = batch.get("labels")
+    return self.task.eval_outputs(self.forward(batch), None if labels is None else labels.to(self.device))
+
 # %% ../nbs/03c_predict.ipynb #fdce5b51
 @patch_to(Predictor)
 def run(self,
@@ -87,7 +92,7 @@ def run(self,
             sampler = SortedBatchSampler(lengths, bs)
             batches = list(sampler)
             try:
-                outs = [self.forward(collate([items[i] for i in idx])) for idx in batches[rank::world]]
+                outs = [self._batch_outputs(collate([items[i] for i in idx])) for idx in batches[rank::world]]
                 break
             except torch.OutOfMemoryError:
                 outs = None

@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import BertConfig, BertForPreTraining
 
+from .metrics import register_metric
 from .tasks import IGNORE_INDEX, TASKS, Task
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'NSP_LABELS', 'PretrainError', 'mask_tokens', 'masking_shares', 'document_lines', 'nsp_pairs',
            'train_wordpiece', 'small_bert_config', 'MaskedLMTask', 'pack_pretraining_logits', 'PretrainingTask',
-           'BertForPreTrainingPacked', 'PretrainingDataset', 'MaskingCollator', 'PretrainingData']
+           'perplexity', 'masked_accuracy', 'nsp_accuracy', 'BertForPreTrainingPacked', 'PretrainingDataset',
+           'MaskingCollator', 'PretrainingData', 'fill_mask']
 
 # %% ../nbs/08_pretrain.ipynb #8a000007
 class PretrainError(ValueError): "A wrong argument to a pretraining function: the message names it and says what to pass instead."
@@ -167,9 +169,21 @@ class MaskedLMTask(Task):
         return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     def loss(self, outputs:torch.Tensor, targets:torch.Tensor) -> tuple:
-        "`(rows × the MLM loss, rows)`: each row carries the batch's mean loss over its masked tokens."
+        "`(rows × the MLM loss, rows)`: each row carries the batch's mean loss over its masked tokens (logits, or the rows of `eval_outputs`)."
         rows = torch.tensor(len(targets), device=targets.device)
+        if outputs.dim() == 2: return outputs[:, 0].sum() / outputs[:, 1].sum().clamp(min=1) * rows, rows
         return self.mlm_loss(outputs, targets) * rows, rows
+
+    def summarize(self, logits:torch.Tensor, labels:torch.Tensor) -> torch.Tensor:
+        "Per row (float32): the summed -log p of its masked tokens, how many there are, how many the model ranks first."
+        keep = labels != IGNORE_INDEX
+        logp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        hits = (logits.argmax(-1) == labels) & keep
+        return torch.stack([-(logp * keep).sum(1), keep.sum(1).float(), hits.sum(1).float()], 1)
+
+    def eval_outputs(self, outputs:torch.Tensor, labels:torch.Tensor|None) -> torch.Tensor:
+        "The three numbers of `summarize` per row instead of a vocabulary per token (the logits when there are no labels)."
+        return outputs if labels is None else self.summarize(outputs, labels)
 
     def collate_labels(self, labels:torch.Tensor, examples:Sequence[dict]) -> torch.Tensor:
         "The batch's targets from the MLM labels of `mask_tokens` (and the examples, for tasks that read more)."
@@ -180,9 +194,9 @@ class MaskedLMTask(Task):
         return [dict(token_ids=row) for row in outputs.argmax(-1).cpu().tolist()]
 
     def metric_inputs(self, outputs:torch.Tensor, targets:torch.Tensor) -> tuple:
-        "`(true ids, predicted ids)` at the masked positions."
-        keep = targets != IGNORE_INDEX
-        return targets[keep].cpu().numpy().astype(np.int64), outputs.argmax(-1)[keep].cpu().numpy().astype(np.int64)
+        "`(one -100 per row, the rows of `summarize`)` in float64; logits are summarised first."
+        if outputs.dim() == 3: outputs, targets = self.summarize(outputs, targets), torch.full((len(targets),), IGNORE_INDEX)
+        return np.asarray(targets.cpu(), dtype=np.int64).reshape(len(outputs), -1)[:, -1], outputs.double().cpu().numpy()
 
     def head_config(self) -> dict:
         "The sequence-label fields at `transformers`' defaults: the MLM head's outputs are the vocabulary, not labels."
@@ -211,10 +225,17 @@ class PretrainingTask(MaskedLMTask):
         return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     def loss(self, outputs:torch.Tensor, targets:torch.Tensor) -> tuple:
-        "`(rows × (MLM loss + NSP loss), rows)`, the sum being `BertForPreTraining`'s loss."
+        "`(rows × (MLM loss + NSP loss), rows)`, the sum being `BertForPreTraining`'s loss (packed logits, or the rows of `eval_outputs`)."
         rows = torch.tensor(len(targets), device=targets.device)
+        if outputs.dim() == 2:
+            mlm = outputs[:, 0].sum() / outputs[:, 1].sum().clamp(min=1)
+            return (mlm + self.nsp_loss(outputs[:, 3:5], targets.reshape(len(outputs), -1)[:, -1])) * rows, rows
         both = self.mlm_loss(outputs[:, :-1], targets[:, :-1]) + self.nsp_loss(outputs[:, -1, :2], targets[:, -1])
         return both * rows, rows
+
+    def summarize(self, logits:torch.Tensor, labels:torch.Tensor) -> torch.Tensor:
+        "Per row: the three MLM numbers of `MaskedLMTask.summarize`, then the two NSP logits."
+        return torch.cat([super().summarize(logits[:, :-1], labels[:, :-1]), logits[:, -1, :2].float()], 1)
 
     def collate_labels(self, labels:torch.Tensor, examples:Sequence[dict]) -> torch.Tensor:
         "The MLM labels with each example's NSP `label` as one more column."
@@ -228,15 +249,36 @@ class PretrainingTask(MaskedLMTask):
                 for d, p in zip(super().decode(outputs[:, :-1]), probs)]
 
     def metric_inputs(self, outputs:torch.Tensor, targets:torch.Tensor) -> tuple:
-        "`(NSP labels, NSP probabilities)` of the rows that are not padding."
-        keep = targets[:, -1] != IGNORE_INDEX
-        return targets[keep, -1].cpu().numpy().astype(np.int64), outputs[keep, -1, :2].double().softmax(-1).cpu().numpy()
+        "`(NSP label per row, the rows of `summarize`)`; packed logits are summarised first."
+        if outputs.dim() == 3: outputs, targets = self.summarize(outputs, targets), targets[:, -1]
+        return np.asarray(targets.cpu(), dtype=np.int64).reshape(len(outputs), -1)[:, -1], outputs.double().cpu().numpy()
 
     def head_config(self) -> dict:
         "The NSP classifier's two labels."
         return dict(num_labels=2, id2label=dict(NSP_LABELS), label2id={v: k for k, v in NSP_LABELS.items()}, problem_type=None)
 
 TASKS.update({t.name: t for t in (MaskedLMTask, PretrainingTask)})
+
+def _mlm_loss(y, s) -> float: return float(s[:, 0].sum() / max(s[:, 1].sum(), 1))
+
+def perplexity(y_true, summary) -> float:
+    "exp of the mean -log p of the masked tokens: how many tokens the model hesitates between, as if it chose uniformly."
+    return math.exp(_mlm_loss(y_true, summary))
+
+def masked_accuracy(y_true, summary) -> float:
+    "Share of the masked tokens that the model ranks first."
+    return float(summary[:, 2].sum() / max(summary[:, 1].sum(), 1))
+
+for _task in ("masked_lm", "pretraining"):
+    register_metric("loss", _task, False, headline=True)(_mlm_loss)
+    register_metric("perplexity", _task, False, headline=True)(perplexity)
+    register_metric("masked_accuracy", _task, True, headline=True)(masked_accuracy)
+
+@register_metric("nsp_accuracy", "pretraining", True, headline=True)
+def nsp_accuracy(y_true, summary) -> float:
+    "Share of the sentence pairs whose next-or-not the NSP head gets right."
+    keep = y_true != IGNORE_INDEX
+    return float((summary[keep, 3:5].argmax(1) == y_true[keep]).mean()) if keep.any() else float("nan")
 
 # %% ../nbs/08_pretrain.ipynb #8a000038
 class BertForPreTrainingPacked(BertForPreTraining):
@@ -248,17 +290,31 @@ class BertForPreTrainingPacked(BertForPreTraining):
 
 # %% ../nbs/08_pretrain.ipynb #8a000043
 class PretrainingDataset(Dataset):
-    "Tokenized examples: item `i` is `{'input_ids', 'label'}` (the NSP label, or -100), plus `token_type_ids` for pairs."
+    "Tokenized examples: item `i` is `{'input_ids', 'label'}` (the NSP label, or -100), plus `token_type_ids` for pairs and `mlm_labels` once `fix_masks` ran."
     def __init__(self, ids:Sequence, token_type_ids:Sequence|None=None, labels:Sequence|None=None):
         self.ids = [np.asarray(x, dtype=np.int64) for x in ids]
         self.types = None if token_type_ids is None else [np.asarray(x, dtype=np.int64) for x in token_type_ids]
         self.labels = np.full(len(self.ids), IGNORE_INDEX, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
         self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
+        self.masked = self.mlm_labels = None
+    @property
+    def targets(self) -> np.ndarray: return self.labels    # one per row, as `Learner.get_preds` reads them
     def __len__(self): return len(self.ids)
     def __getitem__(self, i:int) -> dict:
-        item = {"input_ids": self.ids[i], "label": int(self.labels[i])}
+        item = {"input_ids": self.ids[i] if self.masked is None else self.masked[i], "label": int(self.labels[i])}
         if self.types is not None: item["token_type_ids"] = self.types[i]
+        if self.mlm_labels is not None: item["mlm_labels"] = self.mlm_labels[i]
         return item
+    def subset(self, rows:Sequence[int]) -> PretrainingDataset:
+        "The examples at `rows`, in that order."
+        pick = lambda xs: None if xs is None else [xs[i] for i in rows]
+        return PretrainingDataset(pick(self.ids), pick(self.types), self.labels[np.asarray(rows, dtype=np.int64)])
+    def fix_masks(self, special_ids:Sequence[int], vocab_size:int, mask_id:int, probability:float=0.15, seed:int=0) -> PretrainingDataset:
+        "Draw each example's masks once, from a generator seeded with `seed`: a validation split asks the same questions at every evaluation."
+        g, special_ids = torch.Generator().manual_seed(seed), torch.tensor(sorted(set(special_ids)))
+        pairs = [mask_tokens(torch.as_tensor(x), torch.isin(torch.as_tensor(x), special_ids), vocab_size, mask_id, probability, g) for x in self.ids]
+        self.masked, self.mlm_labels = [p[0].numpy() for p in pairs], [p[1].numpy() for p in pairs]
+        return self
 
 class MaskingCollator:
     "Pad examples into `input_ids`, `attention_mask` (and `token_type_ids`), mask them with `mask_tokens`, and make the task's `labels`."
@@ -281,11 +337,16 @@ class MaskingCollator:
         ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(examples), width), dtype=torch.long)
         types = torch.zeros((len(examples), width), dtype=torch.long) if "token_type_ids" in examples[0] else None
+        fixed = "mlm_labels" in examples[0]                      # masks drawn once (a validation split): use them
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
         for r, e in enumerate(examples):
             n = len(e["input_ids"]); ids[r, :n] = torch.as_tensor(e["input_ids"]); mask[r, :n] = 1
             if types is not None: types[r, :n] = torch.as_tensor(e["token_type_ids"])
-        special = torch.isin(ids, self.special_ids) | (mask == 0)
-        inputs, labels = mask_tokens(ids, special, self.vocab_size, self.mask_id, self.task.probability, self.generator)
+            if fixed: labels[r, :n] = torch.as_tensor(e["mlm_labels"])
+        if fixed: inputs = ids
+        else:
+            special = torch.isin(ids, self.special_ids) | (mask == 0)
+            inputs, labels = mask_tokens(ids, special, self.vocab_size, self.mask_id, self.task.probability, self.generator)
         batch = {"input_ids": inputs, "attention_mask": mask}
         if types is not None: batch["token_type_ids"] = types
         batch["labels"] = self.task.collate_labels(labels, examples)
@@ -293,15 +354,38 @@ class MaskingCollator:
 
 # %% ../nbs/08_pretrain.ipynb #8a000045
 class PretrainingData:
-    "Texts (masked LM) or sentence pairs (masked LM + NSP), tokenized, as the `Learner` reads data: one split, 'train', masked per batch."
+    "Texts (masked LM) or sentence pairs (masked LM + NSP), tokenized, as the `Learner` reads data: 'train' masked anew per batch, 'valid' (if any) masked once."
     def __init__(self,
-        dataset:PretrainingDataset,  # the tokenized examples
-        tokenizer,                   # the tokenizer that made them
-        task:MaskedLMTask,           # `MaskedLMTask` or `PretrainingTask`
-        max_length:int,              # the length they were truncated to
+        dataset:PretrainingDataset,        # the tokenized examples
+        tokenizer,                         # the tokenizer that made them
+        task:MaskedLMTask,                 # `MaskedLMTask` or `PretrainingTask`
+        max_length:int,                    # the length they were truncated to
+        valid_rows:Sequence[int]=(),       # the examples held out for validation (their masks are fixed with `seed`)
+        seed:int=0,                        # the validation masks
     ):
-        self.ds, self.tokenizer, self.task, self.max_length = dataset, tokenizer, task, int(max_length)
-        self.lengths = dataset.lengths
+        self.tokenizer, self.task, self.max_length, self.seed = tokenizer, task, int(max_length), int(seed)
+        valid = np.zeros(len(dataset), dtype=bool); valid[np.asarray(valid_rows, dtype=np.int64)] = True
+        if valid.all(): raise PretrainError("every example is in the validation split; keep most of them for training (e.g. valid_pct=0.05).")
+        self.all, self.valid_rows = dataset, np.flatnonzero(valid)
+        self.ds = dataset if not valid.any() else dataset.subset(np.flatnonzero(~valid))
+        self.valid_ds = None
+        if valid.any():
+            self.valid_ds = dataset.subset(self.valid_rows).fix_masks(tokenizer.all_special_ids, len(tokenizer), tokenizer.mask_token_id,
+                                                                     task.probability, seed)
+        self.splits = ["train", "valid"] if valid.any() else ["train"]
+        self.lengths = self.ds.lengths
+
+    @staticmethod
+    def _holdout(n:int, valid_pct:float, seed:int, groups:np.ndarray|None=None) -> np.ndarray:
+        "Rows for validation: a `valid_pct` share of the rows, or of the groups (documents) when given, drawn with `seed`."
+        if not 0 <= valid_pct < 1: raise PretrainError(f"valid_pct={valid_pct}; pass the share held out for validation, in [0, 1) (e.g. 0.05).")
+        if valid_pct == 0: return np.zeros(0, dtype=np.int64)
+        rng = np.random.default_rng(seed)
+        if groups is None: return np.sort(rng.permutation(n)[:max(1, round(n * valid_pct))])
+        names = np.unique(groups)
+        if len(names) < 2: raise PretrainError("valid_pct needs at least two documents to hold one out; pass more documents, or valid_pct=0.")
+        held = rng.permutation(names)[:max(1, round(len(names) * valid_pct))]
+        return np.flatnonzero(np.isin(groups, held))
 
     @staticmethod
     def _check(tokenizer, max_length):
@@ -314,13 +398,18 @@ class PretrainingData:
         tokenizer,               # a BERT-style tokenizer with [MASK] and [PAD]
         max_length:int=128,      # truncate each text to this many tokens
         probability:float=0.15,  # the share of tokens to predict
+        valid_pct:float=0.0,     # the share of texts held out, masked once, for validation (perplexity)
+        seed:int=0,              # which texts are held out, and their masks
     ) -> PretrainingData:
         "Masked-LM data: each text, tokenized once and truncated."
         cls._check(tokenizer, max_length)
-        texts = [t for t in texts if isinstance(t, str) and t.strip()]
+        if isinstance(texts, str): raise PretrainError("texts is one string; pass a list of strings (e.g. the lines or documents of the corpus).")
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad: raise PretrainError(f"texts {bad[:5]} (positions from 0) are not strings ({type(texts[bad[0]]).__name__}); pass strings only.")
+        texts = [t for t in texts if t.strip()]
         if not texts: raise PretrainError("texts holds no non-blank strings; pass the corpus as a list of strings.")
         ids = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-        return cls(PretrainingDataset(ids), tokenizer, MaskedLMTask(probability), max_length)
+        return cls(PretrainingDataset(ids), tokenizer, MaskedLMTask(probability), max_length, cls._holdout(len(ids), valid_pct, seed), seed)
 
     @classmethod
     def from_pairs(cls,
@@ -328,6 +417,8 @@ class PretrainingData:
         tokenizer,               # a BERT-style tokenizer that makes token type ids for pairs
         max_length:int=128,      # truncate each pair (the longer segment first) to this many tokens
         probability:float=0.15,  # the share of tokens to predict
+        valid_pct:float=0.0,     # the share held out for validation: of the documents (column `doc`) if there is one, else of the pairs
+        seed:int=0,              # which are held out, and their masks
     ) -> PretrainingData:
         "Masked-LM + NSP data: `[CLS] first [SEP] second [SEP]`, token types 0 then 1, and the NSP label."
         cls._check(tokenizer, max_length)
@@ -335,13 +426,15 @@ class PretrainingData:
         if missing: raise PretrainError(f"pairs lacks the columns {sorted(missing)}; make it with `nsp_pairs(documents)`.")
         enc = tokenizer(list(pairs["first"]), list(pairs["second"]), truncation=True, max_length=max_length, return_attention_mask=False)
         if "token_type_ids" not in enc: raise PretrainError("the tokenizer gives no token_type_ids for pairs; use a BERT-style tokenizer.")
-        return cls(PretrainingDataset(enc["input_ids"], enc["token_type_ids"], pairs["label"]), tokenizer, PretrainingTask(probability), max_length)
+        groups = pairs["doc"].to_numpy() if "doc" in pairs.columns else None
+        return cls(PretrainingDataset(enc["input_ids"], enc["token_type_ids"], pairs["label"]), tokenizer, PretrainingTask(probability),
+                   max_length, cls._holdout(len(pairs), valid_pct, seed, groups), seed)
 
-    splits = ["train"]
     def dataset(self, split:str="train") -> PretrainingDataset:
-        "The examples (pretraining has only a 'train' split)."
-        if split != "train": raise PretrainError(f"split={split!r}; pretraining data has only 'train'.")
-        return self.ds
+        "The examples of `split`: 'train', or 'valid' when some were held out."
+        if split not in self.splits: raise PretrainError(f"split={split!r}; this data has {' and '.join(map(repr, self.splits))}"
+                                                         + ("" if self.valid_ds else " (hold some out with valid_pct=0.05 for a 'valid' split)") + ".")
+        return self.ds if split == "train" else self.valid_ds
     def collator(self, pad_to_multiple_of:int=8) -> MaskingCollator:
         "A `MaskingCollator` for this tokenizer and task."
         return MaskingCollator(self.tokenizer, self.task, pad_to_multiple_of)
@@ -351,5 +444,25 @@ class PretrainingData:
     def classes(self) -> list: return []
     def __len__(self): return len(self.ds)
     def __repr__(self):
-        return (f"PretrainingData: {len(self):,} {'pairs' if self.ds.types is not None else 'texts'}, {int(self.lengths.sum()):,} tokens "
-                f"(max_length {self.max_length}), {self.task!r}")
+        held = f", {len(self.valid_ds):,} held out for validation" if self.valid_ds else ""
+        return (f"PretrainingData: {len(self):,} {'pairs' if self.ds.types is not None else 'texts'} to train on, {int(self.lengths.sum()):,} tokens "
+                f"(max_length {self.max_length}){held}, {self.task!r}")
+
+# %% ../nbs/08_pretrain.ipynb #8a000061
+@torch.no_grad()
+def fill_mask(
+    model,            # a masked-LM model (`BertForMaskedLM`, `BertForPreTrainingPacked`, ...)
+    tokenizer,        # its tokenizer
+    text:str,         # a text with one or more [MASK] tokens (`tokenizer.mask_token`)
+    top_k:int=5,      # how many candidates per mask
+) -> list:
+    "For each mask of `text`, in order, its `top_k` most likely tokens as `(token, probability)` pairs."
+    if not isinstance(text, str) or tokenizer.mask_token not in text:
+        raise PretrainError(f"text {text!r} has no {tokenizer.mask_token}; put it where a token should be guessed.")
+    enc = tokenizer(text, return_tensors="pt", truncation=True)
+    was = model.training; model.eval()
+    try: logits = model(**{k: v.to(model.device) for k, v in enc.items()}).logits[0].float()
+    finally: model.train(was)
+    where = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero()[:, 0]
+    probs, ids = logits[where.to(logits.device)].softmax(-1).topk(top_k, dim=-1)
+    return [[(tokenizer.convert_ids_to_tokens(int(i)), float(p)) for p, i in zip(ps, row)] for ps, row in zip(probs.cpu(), ids.cpu())]

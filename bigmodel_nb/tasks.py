@@ -59,6 +59,9 @@ class Task:
     def metric_inputs(self, outputs:torch.Tensor, targets:torch.Tensor) -> tuple:
         "`(y_true, y_pred)` as float64/int64 NumPy arrays for the metric formulas, padding rows left out."
         raise NotImplementedError
+    def eval_outputs(self, outputs:torch.Tensor, labels:torch.Tensor|None) -> torch.Tensor:
+        "What evaluation keeps of one batch's `outputs`, given the batch's `labels` (None for unlabelled texts): all of it here; a task whose outputs are large (a vocabulary per token) keeps a summary per row."
+        return outputs
     def head_config(self) -> dict:
         "The keyword arguments a transformers config needs for this task's head."
         raise NotImplementedError

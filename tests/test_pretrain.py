@@ -224,3 +224,85 @@ def test_learner_trains_pretraining_task(docs, wordpiece):
 def test_collator_needs_mask_token(minilm_tok):
     class NoMask: pad_token_id, mask_token_id = 0, None
     with pytest.raises(PretrainError, match="mask"): MaskingCollator(NoMask())
+
+
+def test_valid_split_fixed_masks_and_perplexity_equal_transformers(docs, wordpiece):
+    "Held-out texts are masked once; the Learner's valid loss is the token mean that BertForMaskedLM computes on them as one batch."
+    from transformers import BertForMaskedLM
+    from bigmodel_nb.learner import Learner
+    tok, _ = wordpiece
+    texts = _passages(docs, 2)[:400]
+    data = PretrainingData.from_texts(texts, tok, max_length=64, valid_pct=0.1, seed=3)
+    assert data.splits == ["train", "valid"] and len(data) == 360 and len(data.dataset("valid")) == 40
+    held = {tuple(x) for x in data.dataset("valid").ids}
+    assert not held & {tuple(x) for x in data.dataset("train").ids}          # no text in both splits
+    coll = data.collator()
+    v = data.dataset("valid")
+    rng_before = torch.get_rng_state()
+    b1, b2 = coll([v[i] for i in range(8)]), coll([v[i] for i in range(8)])
+    assert torch.equal(b1["input_ids"], b2["input_ids"]) and torch.equal(b1["labels"], b2["labels"])
+    assert torch.equal(torch.get_rng_state(), rng_before)                     # validation draws nothing from the global generator
+    assert (b1["labels"] != IGNORE_INDEX).any() and (b1["input_ids"] == tok.mask_token_id).any()
+    again = PretrainingData.from_texts(texts, tok, max_length=64, valid_pct=0.1, seed=3).dataset("valid")
+    assert all(np.array_equal(a, b) for a, b in zip(again.masked, v.masked))  # the seed fixes the masks
+    torch.manual_seed(0)
+    model = BertForMaskedLM(small_bert_config(len(tok), hidden=64, layers=1, max_length=64))
+    learn = Learner(model, data, dict(lr=2e-3, batch_size=32, epochs=1, seed=0), device="cpu", progress=False)
+    learn.fit()
+    row = learn.history[-1]
+    whole = coll([v[i] for i in range(len(v))])
+    with torch.no_grad(): theirs = float(model.eval()(**whole).loss)
+    assert abs(row["valid_loss"] - theirs) < 1e-4
+    assert abs(row["valid_perplexity"] - math.exp(row["valid_loss"])) < 1e-6 * row["valid_perplexity"]
+    with torch.no_grad(): logits = model(**{k: t for k, t in whole.items() if k != "labels"}).logits
+    keep = whole["labels"] != IGNORE_INDEX
+    assert abs(row["valid_masked_accuracy"] - float((logits.argmax(-1)[keep] == whole["labels"][keep]).double().mean())) < 1e-9
+    # the summary per row and the full logits give the same metrics
+    from bigmodel_nb.metrics import score
+    full = score(data.task, logits, whole["labels"])
+    assert abs(full["loss"] - theirs) < 1e-4 and abs(full["masked_accuracy"] - row["valid_masked_accuracy"]) < 1e-9
+
+
+def test_pair_data_holds_out_whole_documents_and_scores_nsp(docs, wordpiece):
+    from bigmodel_nb.learner import Learner
+    tok, _ = wordpiece
+    pairs = nsp_pairs(docs[:10], seed=0)
+    pairs = pairs.groupby("doc").head(40).reset_index(drop=True)
+    data = PretrainingData.from_pairs(pairs, tok, max_length=64, valid_pct=0.2, seed=1)
+    valid_docs = set(pairs.doc.iloc[data.valid_rows])
+    assert len(valid_docs) == 2 and len(data.dataset("valid")) == 80 and len(data) == 320
+    assert not valid_docs & set(pairs.doc.drop(index=data.valid_rows))
+    torch.manual_seed(0)
+    model = BertForPreTrainingPacked(small_bert_config(len(tok), hidden=64, layers=1, max_length=64))
+    learn = Learner(model, data, dict(lr=2e-3, batch_size=32, epochs=1, seed=0), device="cpu", progress=False)
+    m = learn.validate()
+    assert set(m) == {"valid_loss", "valid_perplexity", "valid_masked_accuracy", "valid_nsp_accuracy"}
+    v = data.dataset("valid")
+    whole = data.collator()([v[i] for i in range(len(v))])
+    with torch.no_grad(): out = model.eval()(**{k: t for k, t in whole.items() if k != "labels"})
+    nsp = whole["labels"][:, -1]
+    assert abs(m["valid_nsp_accuracy"] - float((out.seq_relationship_logits.argmax(-1) == nsp).double().mean())) < 1e-9
+    mlm = float(torch.nn.functional.cross_entropy(out.prediction_logits.reshape(-1, len(tok)), whole["labels"][:, :-1].reshape(-1)))
+    nsp_loss = float(torch.nn.functional.cross_entropy(out.seq_relationship_logits, nsp))
+    assert abs(m["valid_loss"] - (mlm + nsp_loss)) < 1e-4
+    with pytest.raises(PretrainError, match="valid_pct"): PretrainingData.from_pairs(pairs, tok, valid_pct=1.5)
+    with pytest.raises(PretrainError, match="'test'"): data.dataset("test")
+
+
+def test_fill_mask_ranks_the_models_own_probabilities(wordpiece):
+    from transformers import BertForMaskedLM
+    from bigmodel_nb.pretrain import fill_mask
+    tok, _ = wordpiece
+    torch.manual_seed(0)
+    model = BertForMaskedLM(small_bert_config(len(tok), hidden=32, layers=1, max_length=64))
+    text = "my lord , the [MASK] is come and the [MASK] too ."
+    out = fill_mask(model, tok, text, top_k=3)
+    assert len(out) == 2 and all(len(g) == 3 for g in out)
+    enc = tok(text, return_tensors="pt")
+    with torch.no_grad(): probs = model.eval()(**enc).logits[0].softmax(-1)
+    where = (enc["input_ids"][0] == tok.mask_token_id).nonzero()[:, 0]
+    for g, pos in zip(out, where):
+        top = probs[pos].topk(3)
+        assert [t for t, _ in g] == tok.convert_ids_to_tokens(top.indices.tolist())
+        assert np.allclose([p for _, p in g], top.values.numpy(), atol=1e-6)
+    with pytest.raises(PretrainError, match=r"\[MASK\]"): fill_mask(model, tok, "no mask here")
