@@ -18,8 +18,8 @@ from .events import CancelFitException, Callback
 from .metrics import is_better, metrics_for
 
 # %% auto #0
-__all__ = ['ProgressCallback', 'CSVLogger', 'KeepBest', 'EarlyStopping', 'CheckpointEvery', 'ValidateEvery', 'LRFindResult',
-           'lr_find']
+__all__ = ['ProgressCallback', 'CSVLogger', 'KeepBest', 'EarlyStopping', 'CheckpointEvery', 'ValidateEvery', 'MaxSteps',
+           'LRFindResult', 'lr_find']
 
 # %% ../nbs/05_callbacks.ipynb #256e9fc2
 def _fmt_cell(v) -> str:
@@ -156,6 +156,29 @@ class ValidateEvery(Callback):
         learn, s = self.learn, self.learn.sampler
         mid_epoch = s.epoch == learn.epoch and s.cursor > 0               # the epoch's last step is validated by the epoch
         if learn.valid_ds is not None and learn.step % self.steps == 0 and mid_epoch: learn.validate()
+
+# %% ../nbs/05_callbacks.ipynb #a7c30015
+class MaxSteps(Callback):
+    "End training after `steps` optimizer steps, with a validation, the learning-rate schedule spread over those steps."
+    order = 55
+    def __init__(self, steps:int):
+        if not isinstance(steps, int) or steps < 1: raise ValueError(f"steps={steps!r}; pass a whole number of optimizer steps, at least 1.")
+        self.steps, self.reached = steps, False
+
+    def before_step(self):
+        from bigmodel_nb.learner import schedule_factor
+        hp = self.learn.hp
+        self.learn.lr_now = hp.lr * schedule_factor(hp.schedule, (self.learn.step + 1) / self.steps, hp.warmup)
+
+    def after_step(self):
+        if self.learn.step < self.steps: return
+        self.reached = True
+        raise CancelFitException()
+
+    def after_cancel_fit(self):
+        learn = self.learn
+        done = learn.history and learn.history[-1]["step"] == learn.step       # e.g. `ValidateEvery` validated this step
+        if self.reached and learn.valid_ds is not None and not done: learn.validate()   # before CSVLogger writes the history
 
 # %% ../nbs/05_callbacks.ipynb #e1a0682f
 @dataclass

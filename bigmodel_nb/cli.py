@@ -29,7 +29,7 @@ from .events import CancelFitException, Callback
 __all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'LOCK_FILE', 'EXIT_CODES', 'PRETRAIN_DEFAULTS', 'PRETRAIN_LR', 'UsageError',
            'cli_message', 'hparam_flags', 'finetune_defaults', 'load_data', 'saved_task', 'load_model', 'default_out',
            'read_run', 'claim_out', 'read_texts', 'predict_texts', 'passages', 'Corpus', 'read_corpus',
-           'load_pretraining_model', 'MaxSteps', 'hparam_group', 'build_parser', 'main']
+           'load_pretraining_model', 'hparam_group', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #e6a136be
 class UsageError(Exception):
@@ -687,25 +687,6 @@ def load_pretraining_model(
              "its output layer is the word-embedding matrix (tied), which is trained")
     return m, load_tokenizer(source, m)
 
-# %% ../nbs/12_cli.ipynb #a7c30015
-class MaxSteps(Callback):
-    "End training after `steps` optimizer steps, with a validation, the learning-rate schedule spread over those steps."
-    order = 50
-    def __init__(self, steps:int): self.steps, self.reached = int(steps), False
-
-    def before_step(self):
-        from bigmodel_nb.learner import schedule_factor
-        hp = self.learn.hp
-        self.learn.lr_now = hp.lr * schedule_factor(hp.schedule, (self.learn.step + 1) / self.steps, hp.warmup)
-
-    def after_step(self):
-        if self.learn.step < self.steps: return
-        self.reached = True
-        raise CancelFitException()
-
-    def after_cancel_fit(self):
-        if self.reached and self.learn.valid_ds is not None: self.learn.validate()   # before CSVLogger writes the history
-
 # %% ../nbs/12_cli.ipynb #a7c30018
 def _pretrain_settings(args) -> dict:
     "Every setting of the run: the flags given, then `PRETRAIN_DEFAULTS` and the specs' defaults."
@@ -774,7 +755,7 @@ def _pretraining_data(s:dict, corpus:Corpus, args):
     return data, model, tok
 
 def _pretrain_in(args, t0, s, out) -> int:
-    from bigmodel_nb.callbacks import CheckpointEvery
+    from bigmodel_nb.callbacks import CheckpointEvery, MaxSteps
     from bigmodel_nb.learner import HParams, Learner
     device = get_device(args.device)
     _say(f"data: {s['data']}")
