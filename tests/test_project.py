@@ -93,7 +93,8 @@ def test_every_notebook_installs_itself_on_colab():
         first = code[1] if "default_exp" in "".join(code[0]["source"]) else code[0]
         src = "".join(first["source"])
         assert "google.colab" in src and "pip install" in src, f"{p.name}: the first code cell must install the package on Colab"
-        assert colab.install_command() in src or colab.install_command("[tracking]") in src, f"{p.name}: run python tools/colab.py"
+        extras = [""] + [f"[{k.removesuffix('_requirements')}]" for k in colab.settings() if k.endswith("_requirements") and k != "dev_requirements"]
+        assert any(colab.install_command(e) in src for e in extras), f"{p.name}: run python tools/colab.py"
 
 
 def test_colab_cells_and_badges_follow_settings_ini():
