@@ -165,10 +165,7 @@ class MaxSteps(Callback):
         if not isinstance(steps, int) or steps < 1: raise ValueError(f"steps={steps!r}; pass a whole number of optimizer steps, at least 1.")
         self.steps, self.reached = steps, False
 
-    def before_step(self):
-        from bigmodel_nb.learner import schedule_factor
-        hp = self.learn.hp
-        self.learn.lr_now = hp.lr * schedule_factor(hp.schedule, (self.learn.step + 1) / self.steps, hp.warmup)
+    def before_step(self): self.learn.lr_now = self.learn.lr_at((self.learn.step + 1) / self.steps)
 
     def after_step(self):
         if self.learn.step < self.steps: return

@@ -584,6 +584,15 @@ def _retry_smaller(self, n_global:int):
         if not failed: return
         pieces *= 2
 
+# %% ../nbs/04_learner.ipynb #77aac7a1
+@patch_to(Learner)
+def lr_at(self,
+    progress:float,   # the share of training done: 0 at the start, 1 at the end
+) -> float:
+    "The learning rate the schedule gives at `progress`, from the current `lr`, `schedule` and `warmup`."
+    hp = self.hp.snapshot()
+    return hp["lr"] * schedule_factor(hp["schedule"], progress, hp["warmup"])
+
 # %% ../nbs/04_learner.ipynb #77aac720
 @patch_to(Learner)
 def _optimizer_step(self):
