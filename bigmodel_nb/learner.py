@@ -30,6 +30,7 @@ from .events import (EVENTS, CancelBatchException, CancelEpochException, CancelF
                                 check_event_names)   # EVENTS and Callback re-exported: code written for 0.1 imports them from here
 from .metrics import score
 from .models import model_dropout, quiet_transformers, set_dropout
+from .peft import AdaLoRABudget, adapter_kind, merged_model, save_adapter
 from .predict import Predictor, model_outputs
 
 # %% auto #0
@@ -364,12 +365,14 @@ class Learner:
         self._group_start = self._good_state = None
         self._train_time, self._samples_at_fit_start, self._fit_start = 0.0, 0, time.perf_counter()
         self.states = {}
-        self.register_state("model", ModelWeights(self))
+        self.register_state("model", TrainableWeights(self) if adapter_kind(model) else ModelWeights(self))   # an adapter: only what trains
         self.register_state("progress", TrainingProgress(self), fmt="json")
         self.register_state("hparams", self.hp, fmt="json")
         self.register_state("rng", RNGState())
         self.cbs = []
         for cb in cbs or []: self.add_cb(cb)
+        if AdaLoRABudget.applies(model):                                # AdaLoRA: its rank budget is stepped, and saved, with the run
+            self.register_state("adalora", next((c for c in self.cbs if isinstance(c, AdaLoRABudget)), None) or self.add_cb(AdaLoRABudget()))
 
     @property
     def is_main(self) -> bool:
@@ -877,10 +880,11 @@ def load_state_dict(self, state:dict):
 # %% ../nbs/04_learner.ipynb #35920840
 @patch_to(Learner)
 def save_model(self, path:str|Path) -> Path:
-    "The model (with its label names) and tokenizer, as a folder that `from_pretrained` loads."
-    path = Path(path)
+    "The model (with its label names) and tokenizer, as a folder that `from_pretrained` loads; for a `peft` model, its adapter folder."
+    path, kind = Path(path), adapter_kind(self.model)
     with quiet_transformers():                                      # no progress bar of its own across the training bar
-        self.model.save_pretrained(path, safe_serialization=True)
+        if kind == "peft": return save_adapter(self.model, path, self.tokenizer)   # `peft.load_adapter` reads it
+        (merged_model(self.model) if kind == "lora" else self.model).save_pretrained(path, safe_serialization=True)
         if self.tokenizer is not None: self.tokenizer.save_pretrained(path)
     return path
 

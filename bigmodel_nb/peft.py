@@ -5,23 +5,30 @@
 # %% ../nbs/09_peft.ipynb #9a000004
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import inspect
+import json
 import math
 import re
 import types
+import warnings
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import patch_to
+from .core import atomic_write, patch_to
+from .events import Callback
 
 # %% auto #0
-__all__ = ['HEAD_MODULES', 'ADAPTERS', 'PeftError', 'LoRALinear', 'linear_names', 'apply_lora', 'lora_layers', 'lora_state_dict',
-           'merge_lora', 'adapter_config', 'with_adapter']
+__all__ = ['HEAD_MODULES', 'ADAPTERS', 'ADAPTER_FILE', 'PeftError', 'LoRALinear', 'linear_names', 'apply_lora', 'lora_layers',
+           'lora_state_dict', 'merge_lora', 'adapter_config', 'with_adapter', 'adapter_kind', 'adapter_method',
+           'orthogonality_penalty', 'AdaLoRABudget', 'save_adapter', 'is_adapter_folder', 'read_adapter_head',
+           'load_adapter', 'merged_model']
 
 # %% ../nbs/09_peft.ipynb #9a000007
 class PeftError(ValueError): "A wrong argument to an adapter function: the message names it and says what to pass instead."
@@ -209,6 +216,8 @@ def adapter_config(
     heads = _head_modules(model)
     if heads and "modules_to_save" in fields: kw["modules_to_save"] = heads
     kw.update(config)
+    if method == "adalora":                     # full rank for the first tenth, the final ranks for the last fifth
+        kw.setdefault("tinit", kw["total_step"] // 10); kw.setdefault("tfinal", kw["total_step"] // 5)
     try: return cls(**kw)
     except (ValueError, TypeError) as e: raise PeftError(f"peft's {cls.__name__} refused {config}: {e}") from e
 
@@ -235,3 +244,155 @@ def with_adapter(
     cfg = adapter_config(model, method, **config)
     if method == "prefix": _let_peft_pass_prefixes(model)
     return peft.get_peft_model(model, cfg)
+
+# %% ../nbs/09_peft.ipynb #9a000071
+def adapter_kind(model:nn.Module) -> str|None:
+    "'peft' for a `peft` model, 'lora' for a model with `LoRALinear` layers, None for a plain one."
+    if getattr(model, "peft_config", None) is not None and callable(getattr(model, "get_base_model", None)): return "peft"
+    return "lora" if any(isinstance(m, LoRALinear) for m in model.modules()) else None
+
+_METHODS = {"LORA": "lora", "ADALORA": "adalora", "PREFIX_TUNING": "prefix", "IA3": "ia3"}   # peft's PeftType: our method name
+
+def _active_config(model:nn.Module):
+    names = getattr(model, "active_adapters", None) or ["default"]
+    return model.peft_config[names[0] if isinstance(names, (list, tuple)) else names]
+
+def adapter_method(model:nn.Module) -> str:
+    "The method of a model's adapter, as `with_adapter` names it ('lora', 'adalora', 'prefix', 'ia3'; 'lora' for `apply_lora`)."
+    kind = adapter_kind(model)
+    if kind is None: raise PeftError(f"{type(model).__name__} has no adapter: build one with with_adapter(model, method) or apply_lora(model).")
+    if kind == "lora": return "lora"
+    kind = str(getattr(_active_config(model).peft_type, "value", _active_config(model).peft_type))
+    return _METHODS.get(kind, kind.lower())
+
+# %% ../nbs/09_peft.ipynb #9a000072
+def orthogonality_penalty(model:nn.Module) -> torch.Tensor:
+    "AdaLoRA's regulariser: the mean over its factors of ‖A Aᵀ − I‖_F (the r × in matrices) and ‖Bᵀ B − I‖_F (the out × r ones)."
+    terms = [torch.linalg.matrix_norm((p @ p.T if ".lora_A." in n else p.T @ p) - torch.eye(p.shape[0] if ".lora_A." in n else p.shape[1],
+                                      device=p.device, dtype=p.dtype))
+             for n, p in model.named_parameters() if p.requires_grad and (".lora_A." in n or ".lora_B." in n)]
+    if not terms: raise PeftError(f"{type(model).__name__} has no trainable lora_A or lora_B factors: it is not an AdaLoRA (or LoRA) model.")
+    return torch.stack(terms).mean()
+
+class AdaLoRABudget(Callback):
+    "Calls AdaLoRA's `update_and_allocate` after every optimizer step, at the step the run's progress gives; its scores are run state."
+    order = -10                                   # before the callbacks that save checkpoints after a step
+    def __init__(self): self.last = -1            # the AdaLoRA step of the previous call
+
+    @staticmethod
+    def applies(model:nn.Module) -> bool:
+        "Whether `model` is an AdaLoRA model (its `base_model` has `update_and_allocate`)."
+        return callable(getattr(getattr(model, "base_model", None), "update_and_allocate", None))
+
+    @property
+    def config(self): return _active_config(self.learn.model)
+
+    def after_loss(self):
+        if self.learn.model.training and self.config.orth_reg_weight > 0:
+            self.learn.loss = self.learn.loss + self.config.orth_reg_weight * orthogonality_penalty(self.learn.model)
+
+    def after_step(self):
+        cfg, tuner = self.config, self.learn.model.base_model
+        final = cfg.total_step - cfg.tfinal       # where peft fixes the ranks; it must see that step once
+        step = min(int(self.learn.progress * cfg.total_step), cfg.total_step)
+        if self.last < final < step: step = final
+        tuner.update_and_allocate(step)
+        self.last = step
+
+    def state_dict(self) -> dict:
+        r = self.learn.model.base_model.rankallocator
+        return dict(last=self.last, rank_pattern=self.config.rank_pattern, ipt=r.ipt, exp_avg_ipt=r.exp_avg_ipt, exp_avg_unc=r.exp_avg_unc)
+
+    def load_state_dict(self, state:dict):
+        r, device = self.learn.model.base_model.rankallocator, next(self.learn.model.parameters()).device
+        self.last, self.config.rank_pattern = int(state["last"]), state["rank_pattern"]
+        for k in ("ipt", "exp_avg_ipt", "exp_avg_unc"): setattr(r, k, {n: t.to(device) for n, t in state[k].items()})
+
+# %% ../nbs/09_peft.ipynb #9a000074
+ADAPTER_FILE = "adapter_head.json"   # in an adapter folder: the base model, the method and the head's labels
+
+def _require_peft_model(model:nn.Module, who:str):
+    if adapter_kind(model) != "peft":
+        raise PeftError(f"{who} needs a peft model (from with_adapter); {type(model).__name__} is not one"
+                        + (": a model with apply_lora layers is saved whole, e.g. merge_lora(model).save_pretrained(folder)."
+                           if adapter_kind(model) == "lora" else "."))
+
+def save_adapter(
+    model:nn.Module,            # a peft model, e.g. from `with_adapter`
+    folder:str|Path,            # created if needed
+    tokenizer=None,             # saved beside the adapter
+    base:str|None=None,         # the base model to record (an asset name, a folder or a Hub id); default: the model's own
+) -> Path:
+    "Write the adapter (and the head), its config, the tokenizer and `adapter_head.json` to `folder`; returns it."
+    _require_peft_model(model, "save_adapter")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None: tokenizer.save_pretrained(folder)
+    cfg = model.get_base_model().config
+    head = dict(num_labels=cfg.num_labels, id2label=cfg.id2label, label2id=cfg.label2id, problem_type=cfg.problem_type)
+    base = base or _active_config(model).base_model_name_or_path or cfg.name_or_path
+    atomic_write(folder / ADAPTER_FILE, json.dumps(dict(format=1, method=adapter_method(model), base_model=str(base), head=head), indent=1))
+    return folder
+
+def is_adapter_folder(folder:str|Path) -> bool:
+    "Whether `folder` holds a saved adapter (`adapter_config.json`) rather than a whole model."
+    return (Path(folder) / "adapter_config.json").is_file()
+
+# %% ../nbs/09_peft.ipynb #9a000075
+def read_adapter_head(folder:str|Path) -> dict:
+    "The `adapter_head.json` of an adapter folder, checked; a `PeftError` says what is missing or damaged."
+    folder = Path(folder)
+    where = folder / ADAPTER_FILE
+    if not where.is_file():
+        raise PeftError(f"{folder} has an adapter but no {ADAPTER_FILE}, so its base model and labels are unknown. Load the base with "
+                        "load_classifier(base, labels=...), then peft.PeftModel.from_pretrained(model, folder).")
+    try:
+        info = json.loads(where.read_text())
+        lacking = [k for k in ("method", "base_model", "head") if k not in info]
+        if lacking: raise ValueError(f"it has no {', '.join(lacking)}")
+        if not isinstance(info["head"], dict) or "id2label" not in info["head"]: raise ValueError("its 'head' has no id2label")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PeftError(f"{where} is damaged ({e}); save the adapter again (Learner.save_model or save_adapter).") from None
+    return info
+
+def load_adapter(
+    folder:str|Path,            # written by `save_adapter` (or `Learner.save_model` for an adapter run)
+    base:str|None=None,         # the base model, if not the recorded one (say it was trained on another machine)
+    device:str|torch.device|None=None,  # see `core.get_device`; None leaves it on the CPU
+    merge:bool=False,           # fold the adapter into the weights and return a plain model (not for prefix tuning)
+) -> tuple:
+    "`(model, tokenizer)`: the base model with its head for the saved labels, and the adapter on it, ready to predict."
+    from transformers import PretrainedConfig
+    from bigmodel_nb.models import ModelNotFoundError, NewHeadWarning, RandomBodyWarning, load_classifier, load_tokenizer
+    from bigmodel_nb.tasks import task_from_config
+    peft, folder = _import_peft(), Path(folder)
+    if not is_adapter_folder(folder): raise PeftError(f"{folder} holds no adapter (no adapter_config.json); load a whole model with load_classifier.")
+    info = read_adapter_head(folder)
+    task = task_from_config(PretrainedConfig(**info["head"]))
+    base = base or info["base_model"]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, tok = load_classifier(base, task=task, device=device)
+    except (ModelNotFoundError, OSError) as e:
+        raise PeftError(f"the adapter in {folder} belongs to the base model {base!r}, which cannot be loaded here ({e}). "
+                        "Pass the base model (a model asset, a folder or a Hub id) as base=... (on the command line: --base).") from None
+    for w in caught:                              # the head starts new here, and the adapter's saved head replaces it
+        if not issubclass(w.category, NewHeadWarning) or issubclass(w.category, RandomBodyWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if info["method"] == "prefix": _let_peft_pass_prefixes(model)
+    model = peft.PeftModel.from_pretrained(model, str(folder)).eval()
+    if (folder / "tokenizer_config.json").is_file(): tok = load_tokenizer(str(folder), model)
+    return (merged_model(model) if merge else model), tok
+
+# %% ../nbs/09_peft.ipynb #9a000076
+def merged_model(model:nn.Module) -> nn.Module:
+    "A plain transformers model with the adapter folded into its weights: a copy, `model` is unchanged. Prefix tuning cannot be merged."
+    kind = adapter_kind(model)
+    if kind is None: raise PeftError(f"{type(model).__name__} has no adapter to merge.")
+    if kind == "lora": return merge_lora(copy.deepcopy(model))
+    if adapter_method(model) == "prefix":
+        raise PeftError("prefix tuning adds learned tokens to every layer's attention, not a change of weights, so it cannot be "
+                        "merged into a plain model: keep the adapter folder and load it with load_adapter.")
+    return copy.deepcopy(model).merge_and_unload()

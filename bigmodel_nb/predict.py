@@ -144,10 +144,12 @@ def predict(self, texts:Sequence[str], batch_size:int|None=None) -> list:
 @patch_to(Predictor)
 @classmethod
 def from_pretrained(cls,
-    path:str|Path,                      # a folder with config.json, weights and a tokenizer (or a model asset name)
+    path:str|Path,                      # a folder with config.json, weights and a tokenizer, an adapter folder, or a model asset name
     device:str|torch.device|None=None,  # see `core.get_device`; None: the best device here
+    base:str|None=None,                 # for an adapter folder: its base model, if not the one it recorded
     **kwargs,                           # passed on to `Predictor`: precision, batch_size, max_length
 ) -> Predictor:
-    "A predictor for a saved model; its task is read from the model's config."
-    model, tok = load_classifier(path)
+    "A predictor for a saved model (or a saved adapter on its base model); its task is read from the model's config."
+    from bigmodel_nb.peft import is_adapter_folder, load_adapter
+    model, tok = load_adapter(path, base=base) if is_adapter_folder(path) else load_classifier(path)
     return cls(model, tok, device=get_device(device), **kwargs)

@@ -23,6 +23,14 @@ def run_py(code: str, env: dict | None = None, **kw):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, **kw)
 
 
+def run_main(capsys, *args):
+    "The command line's `main` in this process: (exit code, stdout, stderr)."
+    from bigmodel_nb import cli
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
     """A small BERT (2 layers, hidden 32) with random weights and the real MiniLM tokenizer, saved as a

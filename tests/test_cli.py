@@ -12,6 +12,7 @@ import pytest
 
 from bigmodel_nb import cli
 from bigmodel_nb.assets import load_sample
+from conftest import run_main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 TRAIN = ["--epochs", "1", "--lr", "1e-3", "--batch-size", "16", "--max-length", "32"]   # fast settings for the tiny BERT
@@ -20,13 +21,6 @@ TRAIN = ["--epochs", "1", "--lr", "1e-3", "--batch-size", "16", "--max-length", 
 def bigmodel_nb(*args, cwd=None, timeout=300):
     "Run the console script; the CompletedProcess (text)."
     return subprocess.run(["bigmodel-nb", *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout)
-
-
-def run_main(capsys, *args):
-    "`main` in this process: (exit code, stdout, stderr)."
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

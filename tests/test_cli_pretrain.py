@@ -9,16 +9,10 @@ import torch
 
 from bigmodel_nb import cli
 from bigmodel_nb.assets import load_sample
+from conftest import run_main
 
 TINY = ["--config", "small", "--hidden", "32", "--layers", "1", "--vocab-size", "500", "--max-length", "64",
         "--batch-size", "16", "--no-progress"]   # a one-layer BERT of width 32: seconds on a CPU
-
-
-def run_main(capsys, *args):
-    "`main` in this process: (exit code, stdout, stderr)."
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

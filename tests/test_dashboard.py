@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification
 
 from bigmodel_nb.dashboard import Dashboard, batch_size_options
@@ -30,9 +31,12 @@ def mode(request): return request.param
 @pytest.fixture
 def dash_for(tiny_bert_dir, movie_data, tmp_path, mode):
     made = []
-    def make(epochs=2, batch_size=16, slow=0.0, **kw):
+    def make(epochs=2, batch_size=16, slow=0.0, adapter=None, **kw):
         kw.setdefault("mode", mode)
         model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+        if adapter:
+            from bigmodel_nb.peft import with_adapter
+            model = with_adapter(model, adapter)
         rec = Record()
         cbs = [rec]
         if slow:
@@ -81,6 +85,27 @@ def test_batch_size_control_applies_at_the_next_batch(dash_for):
     rows = [r for _, r, _ in rec.batches]                  # rows of batch 0, 1, 2, ... in the order they were drawn
     assert rows[change.batch - 1] == 16 and rows[change.batch] == 8      # the very next batch has the new size
     assert learn.samples_seen == 2 * len(learn.train_ds)                  # every example still seen once per epoch
+
+
+@pytest.mark.parametrize("adapter", ["lora", "ia3"])
+def test_lr_and_batch_size_steer_an_adapter_run(dash_for, adapter):
+    pytest.importorskip("peft")
+    d, learn, rec = dash_for(slow=0.02, adapter=adapter)
+    frozen = {n: p.detach().clone() for n, p in learn.model.named_parameters() if not p.requires_grad}
+    d.start()
+    wait_for(lambda: learn.step >= 2)
+    d.lr.value = 4e-3
+    wait_for(lambda: any(s["hp_lr"] == 4e-3 for s in rec.steps))
+    d.bs.value = 8
+    d.thread.join(120)
+    first = next(s for s in rec.steps if s["hp_lr"] == 4e-3)
+    assert first["opt_lr"] == pytest.approx(4e-3 * schedule_factor("linear", first["progress"], 0.06), rel=1e-6)
+    change = next(c for c in learn.hp.log if c.name == "batch_size")
+    rows = [r for _, r, _ in rec.batches]
+    assert rows[change.batch - 1] == 16 and rows[change.batch] == 8
+    assert learn.samples_seen == 2 * len(learn.train_ds)
+    assert all(torch.equal(p, frozen[n]) for n, p in learn.model.named_parameters() if n in frozen)   # only the adapter moved
+    assert (learn.model.peft_config["default"].peft_type.value.lower() == adapter) and learn.step == rec.steps[-1]["step"]
 
 
 def test_pause_resume_stop(dash_for):
