@@ -158,3 +158,9 @@ def test_ctrl_c_and_resume_end_where_an_unbroken_run_ends(tiny_bert_dir, reviews
     assert resumed["loss"] == pytest.approx(whole["loss"], abs=1e-6)
     a, b = load_file(str(tmp_path / "whole" / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_adapter_without_peft_says_what_to_install(tiny_bert_dir, reviews_csv, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)                      # `import peft` now fails, as where it is not installed
+    code, _, err = _run("finetune", "--data", reviews_csv, "--model", tiny_bert_dir, "--adapter", "lora", "--out", tmp_path / "run")
+    assert code == 2 and 'pip install "bigmodel_nb[peft]"' in err and "Traceback" not in err
