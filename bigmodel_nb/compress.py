@@ -5,13 +5,22 @@
 # %% ../nbs/10_compress.ipynb #a0000004
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .events import Callback
+from .predict import model_outputs
+from .tasks import IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['EPS', 'QuantError', 'qrange', 'QParams', 'choose_qparams', 'int8_linear']
+__all__ = ['EPS', 'QuantError', 'qrange', 'QParams', 'choose_qparams', 'int8_linear', 'distillation_loss', 'Distill',
+           'drop_layers']
 
 # %% ../nbs/10_compress.ipynb #a0000007
 class QuantError(ValueError): "A wrong argument to a quantisation function: the message names it and says what to pass."
@@ -102,3 +111,75 @@ def int8_linear(
     acc = (qx.quantize(x) - qx.zero_point).to(torch.int32) @ qw.quantize(weight).to(torch.int32).T   # exact integer sums
     y = acc.double() * (qx.scale.double() * qw.scale.double())
     return (y + bias.double() if bias is not None else y).float()
+
+# %% ../nbs/10_compress.ipynb #a0000021
+def distillation_loss(
+    student:torch.Tensor,       # the student's logits, (N, C)
+    teacher:torch.Tensor,       # the teacher's logits for the same rows, (N, C)
+    targets:torch.Tensor,       # the class ids, (N,); `IGNORE_INDEX` marks rows that only pad a batch
+    T:float=2.0,                # the temperature that softens both distributions
+    alpha:float=0.5,            # the weight of the teacher's term; 0 is plain fine-tuning
+) -> tuple:
+    "`(sum over the rows of (1−α)·CE(y, p_s) + α·T²·KL(p_t^T ‖ p_s^T), number of rows)`, padding rows left out."
+    if not (isinstance(T, (int, float)) and not isinstance(T, bool) and T > 0 and math.isfinite(T)):
+        raise ValueError(f"T={T!r}; pass a positive temperature (1 leaves the distributions as they are; 2 to 4 is usual).")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha <= 1):
+        raise ValueError(f"alpha={alpha!r}; pass the teacher's weight, from 0 (labels only) to 1 (teacher only).")
+    if student.shape != teacher.shape:
+        raise ValueError(f"the student's logits are {tuple(student.shape)} and the teacher's {tuple(teacher.shape)}: "
+                         "the two models must predict the same classes, in the same order.")
+    real = targets != IGNORE_INDEX
+    s, t = student.float()[real], teacher.float()[real]
+    ce = F.cross_entropy(s, targets[real], reduction="sum")
+    kl = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="sum")
+    return (1 - alpha) * ce + alpha * T * T * kl, real.sum()
+
+# %% ../nbs/10_compress.ipynb #a0000025
+class Distill(Callback):
+    "Train the Learner's model to imitate `teacher` too: its loss becomes `distillation_loss(student, teacher, labels, T, alpha)`."
+    order = -5                                    # before callbacks that read the loss
+    def __init__(self,
+        teacher:nn.Module,      # a trained classifier for the same classes, reading the same token ids
+        T:float=2.0,            # temperature
+        alpha:float=0.5,        # weight of the teacher's term
+    ):
+        distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), T, alpha)   # check T and alpha now
+        self.teacher, self.T, self.alpha = teacher, T, alpha
+
+    def before_fit(self):
+        if getattr(self.learn.task, "name", None) != "classification":
+            raise ValueError(f"distillation needs a classification task (soft class probabilities); this run's task is {self.learn.task.name!r}.")
+        self.teacher.to(self.learn.device).eval().requires_grad_(False)
+
+    def after_loss(self):
+        l = self.learn
+        if not l.model.training: return
+        inputs = {k: v.to(l.device) for k, v in l.batch.items() if k != "labels"}
+        with torch.no_grad(), torch.autocast(l.device.type, dtype=l.dtype, enabled=l.dtype != torch.float32):
+            teacher = model_outputs(self.teacher(**inputs))
+        total, _ = distillation_loss(l.pred, teacher, l.batch["labels"].to(l.device), self.T, self.alpha)
+        l.loss = total * l.loss_scale
+
+# %% ../nbs/10_compress.ipynb #a0000028
+def _layer_list(model:nn.Module) -> tuple:
+    "`(name, ModuleList)` of the encoder's transformer layers: the ModuleList as long as `config.num_hidden_layers`."
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not found: raise ValueError(f"{type(model).__name__} has no list of {n} layers to drop from: drop_layers works on BERT-style encoders.")
+    return found[0]
+
+def drop_layers(
+    model:nn.Module,            # a transformers encoder (e.g. `...ForSequenceClassification`); not changed
+    keep:Sequence[int]|None=None,  # the layers to keep, by index; None: every other one (0, 2, 4, ...), as DistilBERT
+) -> nn.Module:
+    "A copy of `model` with only the layers `keep`, in order, and its config saying so: a student that starts from the teacher."
+    name, layers = _layer_list(model)
+    keep = list(range(0, len(layers), 2)) if keep is None else list(keep)
+    bad = [k for k in keep if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(layers)]
+    if bad or not keep or len(set(keep)) != len(keep):
+        raise ValueError(f"keep={keep}; pass distinct layer indices from 0 to {len(layers) - 1} (at least one).")
+    student = copy.deepcopy(model)
+    parent, _, attr = name.rpartition(".")
+    setattr(student.get_submodule(parent) if parent else student, attr, nn.ModuleList([copy.deepcopy(layers[k]) for k in keep]))
+    student.config.num_hidden_layers = len(keep)
+    return student

@@ -549,8 +549,9 @@ def _forward_backward(self, batch:dict, n_global:int):
         self.pred = model_outputs(self.ddp_model(**batch))
     self._call("after_pred")
     total, n = self.task.loss(self.pred, targets)
-    self.loss = total * self.world / max(n_global, 1)
-    self._call("after_loss")
+    self.loss_scale = self.world / max(n_global, 1)          # a sum over this process's rows -> its share of the batch mean
+    self.loss = total * self.loss_scale
+    self._call("after_loss")                                 # a callback may replace `self.loss` (e.g. distillation), using `loss_scale`
     finite = torch.isfinite(self.loss)
     self._loss_sum += torch.where(finite, total, 0.0)
     self._loss_n += torch.where(finite, n, 0).float()

@@ -98,3 +98,109 @@ def test_bad_arguments_are_named(call, words):
     with pytest.raises(QuantError, match=words):
         call()
     assert issubclass(QuantError, ValueError) and QParams
+
+
+# ---- distillation
+
+from bigmodel_nb.compress import Distill, distillation_loss, drop_layers  # noqa: E402
+
+
+def test_distillation_loss_is_the_formula_and_skips_padding():
+    torch.manual_seed(4)
+    zs, zt = torch.randn(7, 3), torch.randn(7, 3)
+    y = torch.tensor([0, 2, 1, -100, 1, 0, -100])
+    T, a = 3.0, 0.3
+    real = y != -100
+    ce = -torch.log_softmax(zs[real], -1).gather(1, y[real, None]).sum()
+    pt, ps = (zt[real] / T).softmax(-1), (zs[real] / T).softmax(-1)
+    kl = (pt * (pt.log() - ps.log())).sum()
+    total, n = distillation_loss(zs, zt, y, T=T, alpha=a)
+    assert n == 5 and torch.allclose(total, (1 - a) * ce + a * T * T * kl, atol=1e-5)
+    assert torch.allclose(distillation_loss(zs, zt, y, alpha=0.0)[0], ce, atol=1e-5)           # alpha 0: plain cross-entropy
+    same, _ = distillation_loss(zs, zs, y, T=2.0, alpha=1.0)
+    assert abs(same.item()) < 1e-5                                                            # imitating itself costs nothing
+
+
+def test_distillation_gradient_is_T_times_the_difference_of_softened_probabilities():
+    torch.manual_seed(5)
+    zs, zt, y = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5), torch.tensor([1, 0, 4, 2])
+    for T in (1.0, 2.5, 6.0):
+        g, = torch.autograd.grad(distillation_loss(zs, zt, y, T=T, alpha=1.0)[0], zs)
+        assert torch.allclose(g, T * ((zs / T).softmax(-1) - (zt / T).softmax(-1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, words", [(dict(T=0), "T=0"), (dict(alpha=1.5), "alpha=1.5"), (dict(T=True), "T=True")])
+def test_distillation_arguments_are_checked(kw, words):
+    with pytest.raises(ValueError, match=words):
+        distillation_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), **kw)
+    with pytest.raises(ValueError, match=words):
+        Distill(torch.nn.Linear(2, 2), **{"T": 2.0, "alpha": 0.5, **kw})
+    with pytest.raises(ValueError, match="same classes"):
+        distillation_loss(torch.zeros(2, 2), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_drop_layers_keeps_the_chosen_layers_and_reloads(tiny_bert_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    big = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    big.config.num_hidden_layers = 2
+    small = drop_layers(big, keep=[1])
+    assert small.config.num_hidden_layers == 1 and len(small.bert.encoder.layer) == 1 and len(big.bert.encoder.layer) == 2
+    assert torch.equal(small.bert.encoder.layer[0].attention.self.query.weight, big.bert.encoder.layer[1].attention.self.query.weight)
+    small.bert.encoder.layer[0].attention.self.query.weight.data += 1            # a copy: the teacher is untouched
+    assert not torch.equal(small.bert.encoder.layer[0].attention.self.query.weight, big.bert.encoder.layer[1].attention.self.query.weight)
+    small.save_pretrained(tmp_path / "s")
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "s")
+    x = dict(input_ids=torch.tensor([[2, 50, 60, 3]]), attention_mask=torch.ones(1, 4, dtype=torch.long))
+    small.eval(); again.eval()
+    assert torch.allclose(small(**x).logits, again(**x).logits, atol=1e-6)
+    assert drop_layers(big).config.num_hidden_layers == 1                        # every other layer of 2: layer 0
+    for bad in ([2], [], [0, 0], [True]):
+        with pytest.raises(ValueError, match="keep="):
+            drop_layers(big, keep=bad)
+
+
+def test_distill_callback_trains_on_the_formula_and_leaves_the_teacher_alone(tiny_bert_dir, movie_data):
+    from transformers import AutoModelForSequenceClassification
+    from bigmodel_nb.core import set_seed
+    from bigmodel_nb.events import Callback
+    from bigmodel_nb.learner import Learner
+    set_seed(0)
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+    frozen = {n: p.clone() for n, p in teacher.named_parameters()}
+
+    class Check(Callback):
+        order = 0
+        def __init__(self): self.diffs, self.mixed = [], []
+        def after_loss(self):
+            l = self.learn
+            inputs = {k: v for k, v in l.batch.items() if k != "labels"}
+            with torch.no_grad(): t = teacher(**inputs).logits
+            total, _ = distillation_loss(l.pred, t, l.batch["labels"], T=3.0, alpha=0.7)
+            ce, _ = l.task.loss(l.pred, l.batch["labels"])
+            self.diffs.append(abs((total * l.loss_scale - l.loss).item()))
+            self.mixed.append(abs((ce * l.loss_scale - l.loss).item()))
+
+    check = Check()
+    student = drop_layers(teacher, keep=[0])
+    learn = Learner(student, movie_data, dict(lr=1e-3, batch_size=32, epochs=1), device="cpu", progress=False,
+                    cbs=[Distill(teacher, T=3.0, alpha=0.7), check])
+    learn.fit()
+    assert len(check.diffs) == learn.batches and max(check.diffs) < 1e-5
+    assert max(check.mixed) > 1e-3                                               # the loss really changed from plain cross-entropy
+    assert all(torch.equal(p, frozen[n]) for n, p in teacher.named_parameters())
+    assert learn.evaluate("test")["accuracy"] >= 0
+
+
+def test_distill_refuses_a_regression_task(tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification
+    from bigmodel_nb.assets import load_sample
+    from bigmodel_nb.data import TextData
+    from bigmodel_nb.learner import Learner
+    from transformers import AutoTokenizer
+    df = load_sample("movie_reviews").sample(40, random_state=0)
+    data = TextData(list(df.text), [float(i % 5) for i in range(40)], task="regression")
+    data.tokenize(AutoTokenizer.from_pretrained(tiny_bert_dir), max_length=16)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=1, ignore_mismatched_sizes=True)
+    learn = Learner(model, data, dict(epochs=1), device="cpu", progress=False, cbs=[Distill(model)])
+    with pytest.raises(ValueError, match="classification"):
+        learn.fit()
