@@ -26,10 +26,10 @@ from .core import atomic_write, check_positive, check_seed, env_report, get_devi
 from .events import CancelFitException, Callback
 
 # %% auto #0
-__all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'LOCK_FILE', 'EXIT_CODES', 'ADAPTER_METHODS', 'PRETRAIN_DEFAULTS', 'PRETRAIN_LR',
-           'UsageError', 'cli_message', 'hparam_flags', 'finetune_defaults', 'load_data', 'saved_task', 'load_model',
-           'default_out', 'read_run', 'claim_out', 'adapter_options', 'read_texts', 'predict_texts', 'passages',
-           'Corpus', 'read_corpus', 'load_pretraining_model', 'hparam_group', 'build_parser', 'main']
+__all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'LOCK_FILE', 'EXIT_CODES', 'ADAPTER_METHODS', 'EXPORT_FORMATS', 'PRETRAIN_DEFAULTS',
+           'PRETRAIN_LR', 'UsageError', 'cli_message', 'hparam_flags', 'finetune_defaults', 'load_data', 'saved_task',
+           'load_model', 'default_out', 'read_run', 'claim_out', 'adapter_options', 'read_texts', 'predict_texts',
+           'passages', 'Corpus', 'read_corpus', 'load_pretraining_model', 'hparam_group', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #e6a136be
 class UsageError(Exception):
@@ -151,6 +151,17 @@ def _check_model_arg(model:str):
                              "written by `bigmodel-nb finetune` (or by `save_pretrained`), a model asset name "
                              "(see `bigmodel-nb assets list`), or a Hugging Face Hub id.")
 
+def _is_onnx(model:str) -> bool:
+    from bigmodel_nb.compress import is_onnx_folder
+    return Path(model).expanduser().is_dir() and is_onnx_folder(Path(model).expanduser())
+
+def _check_saved_labels(model:str, labels, what:str, kind:str):
+    "A saved head's task and classes against those of `labels` (the data), for folders that `load_classifier` does not read."
+    head, mine = saved_task(model), getattr(labels, "task", None)
+    if mine is not None and (head.name != mine.name or list(getattr(head, "classes", []) or []) != list(getattr(mine, "classes", []) or [])):
+        raise UsageError(f"the {kind} in {model} was trained for a {head.name} head {getattr(head, 'classes', '') or ''}, but {what} is a "
+                         f"{mine.name} task {getattr(mine, 'classes', '') or ''}. Use data with the labels it was trained for.")
+
 def _is_adapter(model:str) -> bool:
     from bigmodel_nb.peft import is_adapter_folder
     return Path(model).expanduser().is_dir() and is_adapter_folder(Path(model).expanduser())
@@ -163,11 +174,7 @@ def _adapter_head(model:str) -> dict:
 def _load_adapter(model:str, labels, base:str|None, what:str):
     "An adapter folder on its base model; its classes checked against `labels`."
     from bigmodel_nb.peft import PeftError, load_adapter
-    head = saved_task(model)
-    mine = getattr(labels, "task", None)
-    if mine is not None and (head.name != mine.name or list(getattr(head, "classes", []) or []) != list(getattr(mine, "classes", []) or [])):
-        raise UsageError(f"the adapter in {model} was trained for a {head.name} head {getattr(head, 'classes', '') or ''}, but {what} is a "
-                         f"{mine.name} task {getattr(mine, 'classes', '') or ''}. Use data with the labels the adapter was trained for.")
+    _check_saved_labels(model, labels, what, "adapter")
     try: return load_adapter(Path(model).expanduser(), base=base)
     except PeftError as e: raise UsageError(str(e).replace("base=...", "--base").replace(" (on the command line: --base)", "")) from None
     except ImportError as e: raise UsageError(str(e)) from None
@@ -207,6 +214,11 @@ def load_model(
     from bigmodel_nb.models import LabelMismatchError, NewHeadWarning, RandomBodyWarning, load_classifier
     _check_model_arg(model)
     if _is_adapter(model): return _load_adapter(model, labels, base, what)
+    if _is_onnx(model):
+        from bigmodel_nb.compress import load_onnx
+        _check_saved_labels(model, labels, what, "ONNX model")
+        try: return load_onnx(Path(model).expanduser())
+        except ImportError as e: raise UsageError(str(e)) from None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -631,31 +643,48 @@ def _cmd_predict(args) -> int:
     return 0
 
 # %% ../nbs/12_cli.ipynb #a7e10002
+EXPORT_FORMATS = ("plain", "fp16", "onnx", "int8")   # `export --format`: a transformers folder in fp32 or fp16; ONNX in fp32 or int8
+
 def _cmd_export(args) -> int:
+    import tempfile
     from bigmodel_nb.models import quiet_transformers
     from bigmodel_nb.peft import PeftError, merged_model
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())): raise UsageError(f"--out {out} already exists and is not empty; pass a new folder.")
     _check_model_arg(args.model)
+    if _is_onnx(args.model): raise UsageError(f"{args.model} is an exported ONNX model already; export the model it came from.")
     adapter = _is_adapter(args.model)
     if adapter and not args.merge:
         raise UsageError(f"{args.model} holds an adapter, which runs only on its base model: pass --merge to fold it into a plain model "
                          f"(or use the folder as it is: --model {args.model}).")
     if args.merge and not adapter: raise UsageError(f"{args.model} holds a whole model, with no adapter to merge: drop --merge to export it as it is.")
+    if args.format in ("onnx", "int8"):
+        from bigmodel_nb.compress import export_onnx, quantize_onnx, require_deploy
+        try: require_deploy()
+        except ImportError as e: raise UsageError(f"--format {args.format}: {e}") from None
     model, tok = load_model(args.model, trained=True, base=args.base)
     if adapter:
         method = _adapter_head(args.model)["method"]
         try: model = merged_model(model)
         except PeftError as e: raise UsageError(f"--merge: {e}") from None
-    with quiet_transformers():
-        model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
-    size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
-    result = dict(model=str(args.model), out=str(out), merged=bool(adapter), weights_bytes=size, labels=list(model.config.id2label.values()))
+    if args.format in ("plain", "fp16"):
+        with quiet_transformers():
+            (model.half() if args.format == "fp16" else model).save_pretrained(out, safe_serialization=True)
+            tok.save_pretrained(out)
+        files = [f for f in out.iterdir() if f.suffix == ".safetensors"]
+    elif args.format == "onnx": files = [export_onnx(model, tok, out) / "model.onnx"]
+    else:
+        with tempfile.TemporaryDirectory() as tmp: files = [quantize_onnx(export_onnx(model, tok, Path(tmp) / "fp32"), out) / "model.onnx"]
+    size = sum(f.stat().st_size for f in files)
+    result = dict(model=str(args.model), out=str(out), format=args.format, merged=bool(adapter), weights_bytes=size,
+                  labels=list(model.config.id2label.values()))
     if args.json: print(json.dumps(result), file=args.stdout, flush=True)
-    else: print(f"wrote a plain model to {out} ({size / 1e6:.1f} MB of weights{f'; the {method} adapter merged in' if adapter else ''})\n"
-                f"use it:  bigmodel-nb predict --model {shlex.quote(str(out))} ...   (or AutoModelForSequenceClassification.from_pretrained)",
-                file=args.stdout, flush=True)
+    else:
+        what = {"plain": "a plain model", "fp16": "a plain model in fp16", "onnx": "an ONNX model", "int8": "an int8 ONNX model"}[args.format]
+        print(f"wrote {what} to {out} ({size / 1e6:.1f} MB of weights{f'; the {method} adapter merged in' if adapter else ''})\n"
+              f"use it:  bigmodel-nb predict --model {shlex.quote(str(out))} ..." +
+              ("   (or AutoModelForSequenceClassification.from_pretrained)" if args.format in ("plain", "fp16") else "   (or bigmodel_nb.compress.load_onnx)"),
+              file=args.stdout, flush=True)
     return 0
 
 # %% ../nbs/12_cli.ipynb #a7c30002
@@ -1095,12 +1124,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
     pr.set_defaults(run=_cmd_predict, json=True)
 
-    ex = sub.add_parser("export", parents=[common], epilog=_EPILOG, help="write a saved model as a plain model folder; --merge folds an adapter in",
-                        description="Write a saved model (or, with --merge, an adapter folded into its base model) as a plain folder "
-                                    "that transformers' from_pretrained and `--model` load, without run files or checkpoints.")
+    ex = sub.add_parser("export", parents=[common], epilog=_EPILOG, help="write a saved model for deployment: plain, fp16, ONNX or int8 ONNX; --merge folds an adapter in",
+                        description="Write a saved model (or, with --merge, an adapter folded into its base model) as a folder for deployment, "
+                                    "without run files or checkpoints: plain or fp16 for transformers' from_pretrained, ONNX or int8 ONNX for "
+                                    "ONNX Runtime. Every format loads with `--model` in predict and evaluate.")
     ex.add_argument("--model", metavar="DIR", required=True, help="a folder written by `bigmodel-nb finetune` (a whole model, or an adapter with --merge)")
     ex.add_argument("--out", metavar="DIR", required=True, help="the new folder (must not hold files yet)")
     ex.add_argument("--merge", action="store_true", help="fold the adapter into the weights of its base model (LoRA, AdaLoRA, IA3; not prefix tuning)")
+    ex.add_argument("--format", choices=EXPORT_FORMATS, default="plain", help="plain: a transformers folder; fp16: the same in half precision "
+                    "(half the size); onnx: an ONNX model for ONNX Runtime; int8: that, with int8 matrix products (onnx and int8 need "
+                    "pip install \"bigmodel_nb[deploy]\") (default: plain)")
     ex.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
     ex.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     ex.set_defaults(run=_cmd_export)

@@ -5,9 +5,16 @@
 # %% ../nbs/10_compress.ipynb #a0000004
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import json
+import logging
 import math
+import shutil
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -19,8 +26,9 @@ from .predict import model_outputs
 from .tasks import IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['EPS', 'QuantError', 'qrange', 'QParams', 'choose_qparams', 'int8_linear', 'distillation_loss', 'Distill',
-           'drop_layers']
+__all__ = ['EPS', 'ONNX_FILE', 'QuantError', 'qrange', 'QParams', 'choose_qparams', 'int8_linear', 'distillation_loss', 'Distill',
+           'drop_layers', 'require_deploy', 'is_onnx_folder', 'export_onnx', 'quantize_onnx', 'OnnxClassifier',
+           'load_onnx']
 
 # %% ../nbs/10_compress.ipynb #a0000007
 class QuantError(ValueError): "A wrong argument to a quantisation function: the message names it and says what to pass."
@@ -183,3 +191,112 @@ def drop_layers(
     setattr(student.get_submodule(parent) if parent else student, attr, nn.ModuleList([copy.deepcopy(layers[k]) for k in keep]))
     student.config.num_hidden_layers = len(keep)
     return student
+
+# %% ../nbs/10_compress.ipynb #a0000034
+ONNX_FILE = "model.onnx"   # in an exported folder, beside config.json and the tokenizer
+
+def require_deploy():
+    "`onnxruntime`, or an `ImportError` that says how to install the `[deploy]` extra."
+    try:
+        import onnx, onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f'ONNX export and ONNX Runtime need packages that are not installed ({e}): pip install "bigmodel_nb[deploy]"') from e
+    return onnxruntime
+
+def _quiet_export():
+    "The exporter's progress lines, its log records and its warnings about internals, kept out of the way."
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(warnings.catch_warnings()); warnings.simplefilter("ignore")
+    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", ""):     # "": the root logger, where ONNX Runtime's quantiser writes
+        logger, level = logging.getLogger(name), logging.getLogger(name).level
+        logger.setLevel(logging.ERROR); stack.callback(logger.setLevel, level)
+    return stack
+
+def is_onnx_folder(folder:str|Path) -> bool:
+    "Whether `folder` holds an exported ONNX model."
+    return (Path(folder) / ONNX_FILE).is_file()
+
+# %% ../nbs/10_compress.ipynb #a0000035
+def export_onnx(
+    model:nn.Module,            # a transformers classifier (a plain one: merge an adapter first)
+    tokenizer,                  # its tokenizer, saved beside the model
+    folder:str|Path,            # created; must not hold a model.onnx yet
+    check:bool=True,            # run ONNX Runtime on an example and compare with PyTorch
+    atol:float=1e-4,            # the largest difference `check` accepts
+) -> Path:
+    "Write `model` as `folder/model.onnx` (batch and sequence lengths open), with its config and tokenizer; returns the folder."
+    ort = require_deploy()
+    folder = Path(folder)
+    if is_onnx_folder(folder): raise FileExistsError(f"{folder} already holds {ONNX_FILE}; pass a new folder.")
+    model = copy.deepcopy(model).float().cpu().eval()
+    example = tokenizer(["a short example", "and a slightly longer one, to pad the first"], padding=True, return_tensors="pt")
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in example]
+    inputs = {n: example[n] for n in names}
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    folder.mkdir(parents=True, exist_ok=True)
+    with _quiet_export():
+        torch.onnx.export(model, (), str(folder / ONNX_FILE), kwargs=inputs, input_names=names, output_names=["logits"],
+                          dynamic_shapes={n: {0: batch, 1: seq} for n in names}, dynamo=True, external_data=False)
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if check:
+        with torch.no_grad(): want = model_outputs(model(**inputs)).numpy()
+        got = ort.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"]).run(["logits"], {n: v.numpy() for n, v in inputs.items()})[0]
+        diff = float(abs(got - want).max())
+        if diff > atol: raise RuntimeError(f"the exported model's outputs differ from PyTorch's by {diff:.2e} (more than {atol:g}); {folder / ONNX_FILE} is kept for a look.")
+    return folder
+
+# %% ../nbs/10_compress.ipynb #a0000036
+def quantize_onnx(
+    src:str|Path,               # a folder written by `export_onnx`
+    dst:str|Path,               # the new folder
+    per_channel:bool=True,      # one scale per output row of each weight (more accurate, the same size)
+) -> Path:
+    "ONNX Runtime's dynamic int8 quantisation of `src`'s model (weights int8, activations quantised per call), with its config and tokenizer."
+    require_deploy()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    src, dst = Path(src), Path(dst)
+    if not is_onnx_folder(src): raise FileNotFoundError(f"{src} has no {ONNX_FILE}: export the model first (export_onnx).")
+    if is_onnx_folder(dst): raise FileExistsError(f"{dst} already holds {ONNX_FILE}; pass a new folder.")
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != ONNX_FILE: shutil.copy2(f, dst / f.name)
+    with _quiet_export(): quantize_dynamic(str(src / ONNX_FILE), str(dst / ONNX_FILE), weight_type=QuantType.QInt8, per_channel=per_channel)
+    return dst
+
+# %% ../nbs/10_compress.ipynb #a0000037
+class OnnxClassifier(nn.Module):
+    "An exported classifier run by ONNX Runtime on the CPU, called like the transformers model it came from (it returns the logits)."
+    def __init__(self,
+        folder:str|Path,        # written by `export_onnx` or `quantize_onnx`
+        threads:int|None=None,  # ONNX Runtime's threads within an operation; None: its default (the cores)
+    ):
+        super().__init__()
+        from transformers import AutoConfig
+        ort = require_deploy()
+        self.folder = Path(folder)
+        options = ort.SessionOptions()
+        if threads: options.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(str(self.folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.config = AutoConfig.from_pretrained(self.folder)
+
+    def forward(self, input_ids:torch.Tensor, attention_mask:torch.Tensor|None=None, token_type_ids:torch.Tensor|None=None) -> torch.Tensor:
+        given = dict(input_ids=input_ids,
+                     attention_mask=torch.ones_like(input_ids) if attention_mask is None else attention_mask,
+                     token_type_ids=torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
+        feed = {n: given[n].detach().cpu().long().numpy() for n in self.input_names}
+        return torch.from_numpy(self.session.run(["logits"], feed)[0])
+
+    def _apply(self, fn, recurse=True): return self     # no tensors to move: ONNX Runtime runs it on the CPU
+
+def load_onnx(
+    folder:str|Path,            # written by `export_onnx` or `quantize_onnx`
+    threads:int|None=None,      # ONNX Runtime's threads within an operation
+) -> tuple:
+    "`(OnnxClassifier, tokenizer)` for an exported folder: what `Predictor.from_pretrained` and the command line use for one."
+    from bigmodel_nb.models import load_tokenizer
+    if not is_onnx_folder(folder): raise FileNotFoundError(f"{folder} has no {ONNX_FILE}; export a model there with export_onnx.")
+    model = OnnxClassifier(folder, threads)
+    return model, load_tokenizer(str(folder), model)

@@ -191,7 +191,7 @@ def _max_positions(model) -> int|None:
     "The longest sequence the position embeddings allow, or None when the model does not say."
     n = getattr(model.config, "max_position_embeddings", None)
     if not isinstance(n, int): return None
-    emb = getattr(model.base_model, "embeddings", None)
+    emb = getattr(getattr(model, "base_model", None), "embeddings", None)   # (a model run elsewhere, e.g. ONNX, has none)
     if emb is not None and hasattr(emb, "create_position_ids_from_input_ids"):
         n -= (model.config.pad_token_id or 0) + 1   # RoBERTa-style: positions start after the padding index
     return n

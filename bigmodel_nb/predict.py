@@ -39,8 +39,9 @@ class Predictor:
 
     @property
     def device(self) -> torch.device:
-        "Where the model is."
-        return next(self.model.parameters()).device
+        "Where the model is (the CPU for a model without parameters of its own, such as an ONNX Runtime session)."
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
 
     def __call__(self, texts:Sequence[str]) -> list:
         "The same as `predict`."
@@ -144,12 +145,15 @@ def predict(self, texts:Sequence[str], batch_size:int|None=None) -> list:
 @patch_to(Predictor)
 @classmethod
 def from_pretrained(cls,
-    path:str|Path,                      # a folder with config.json, weights and a tokenizer, an adapter folder, or a model asset name
+    path:str|Path,                      # a folder with config.json, weights and a tokenizer; an adapter or ONNX folder; or a model asset name
     device:str|torch.device|None=None,  # see `core.get_device`; None: the best device here
     base:str|None=None,                 # for an adapter folder: its base model, if not the one it recorded
     **kwargs,                           # passed on to `Predictor`: precision, batch_size, max_length
 ) -> Predictor:
     "A predictor for a saved model (or a saved adapter on its base model); its task is read from the model's config."
+    from bigmodel_nb.compress import is_onnx_folder, load_onnx
     from bigmodel_nb.peft import is_adapter_folder, load_adapter
-    model, tok = load_adapter(path, base=base) if is_adapter_folder(path) else load_classifier(path)
+    if is_onnx_folder(path): model, tok = load_onnx(path)
+    elif is_adapter_folder(path): model, tok = load_adapter(path, base=base)
+    else: model, tok = load_classifier(path)
     return cls(model, tok, device=get_device(device), **kwargs)

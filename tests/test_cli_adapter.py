@@ -164,3 +164,16 @@ def test_adapter_without_peft_says_what_to_install(tiny_bert_dir, reviews_csv, t
     monkeypatch.setitem(sys.modules, "peft", None)                      # `import peft` now fails, as where it is not installed
     code, _, err = _run("finetune", "--data", reviews_csv, "--model", tiny_bert_dir, "--adapter", "lora", "--out", tmp_path / "run")
     assert code == 2 and 'pip install "bigmodel_nb[peft]"' in err and "Traceback" not in err
+
+
+def test_an_adapter_merges_straight_into_onnx(lora_out, tmp_path):
+    pytest.importorskip("onnxruntime"); pytest.importorskip("onnxscript")
+    out, _, _ = lora_out
+    code, stdout, err = _run("export", "--model", out, "--out", tmp_path / "onnx", "--merge", "--format", "onnx", "--json")
+    assert code == 0, err[-2000:]
+    assert json.loads(stdout)["merged"] and (tmp_path / "onnx" / "model.onnx").is_file()
+    texts = ["a tender, funny film", "dull and far too long"]
+    _, a, _ = _run("predict", "--model", out, *texts)
+    _, b, _ = _run("predict", "--model", tmp_path / "onnx", *texts)
+    for x, y in zip(a.splitlines(), b.splitlines()):
+        assert json.loads(x)["probs"] == pytest.approx(json.loads(y)["probs"], abs=1e-5)
