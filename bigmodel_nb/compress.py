@@ -28,7 +28,7 @@ from .tasks import IGNORE_INDEX
 # %% auto #0
 __all__ = ['EPS', 'ONNX_FILE', 'QuantError', 'qrange', 'QParams', 'choose_qparams', 'int8_linear', 'distillation_loss', 'Distill',
            'drop_layers', 'require_deploy', 'is_onnx_folder', 'export_onnx', 'quantize_onnx', 'OnnxClassifier',
-           'load_onnx']
+           'load_onnx', 'prunable_weights', 'sparsity', 'prune_magnitude']
 
 # %% ../nbs/10_compress.ipynb #a0000007
 class QuantError(ValueError): "A wrong argument to a quantisation function: the message names it and says what to pass."
@@ -300,3 +300,31 @@ def load_onnx(
     if not is_onnx_folder(folder): raise FileNotFoundError(f"{folder} has no {ONNX_FILE}; export a model there with export_onnx.")
     model = OnnxClassifier(folder, threads)
     return model, load_tokenizer(str(folder), model)
+
+# %% ../nbs/10_compress.ipynb #a0000044
+def prunable_weights(model:nn.Module) -> list:
+    "`(module, 'weight')` for every `nn.Linear` of the encoder's layers: what `prune_magnitude` prunes (not the embeddings, not the head)."
+    _, layers = _layer_list(model)
+    return [(m, "weight") for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
+
+def sparsity(model:nn.Module) -> float:
+    "The share of zeros among the weights `prunable_weights` names."
+    ws = [getattr(m, n) for m, n in prunable_weights(model)]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+def prune_magnitude(
+    model:nn.Module,        # a transformers encoder; pruned in place
+    amount:float,           # the share of the weights to zero, in [0, 1)
+    scope:str="global",     # 'global': one threshold for all matrices; 'layer': the same share in each matrix
+) -> nn.Module:
+    "Zero the `amount` share of smallest-magnitude weights of the encoder's linear layers, permanently; returns `model`."
+    import torch.nn.utils.prune as prune
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < 1:
+        raise ValueError(f"amount={amount!r}; pass the share of weights to zero, from 0 up to (not including) 1, e.g. 0.5.")
+    if scope not in ("global", "layer"): raise ValueError(f"scope={scope!r}; pass 'global' or 'layer'.")
+    params = prunable_weights(model)
+    if scope == "global": prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=float(amount))
+    else:
+        for m, n in params: prune.l1_unstructured(m, n, amount=float(amount))
+    for m, n in params: prune.remove(m, n)                    # the mask folded into the weight: a plain model again
+    return model

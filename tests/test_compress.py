@@ -204,3 +204,46 @@ def test_distill_refuses_a_regression_task(tiny_bert_dir):
     learn = Learner(model, data, dict(epochs=1), device="cpu", progress=False, cbs=[Distill(model)])
     with pytest.raises(ValueError, match="classification"):
         learn.fit()
+
+
+# ---- magnitude pruning
+
+from bigmodel_nb.compress import prunable_weights, prune_magnitude, sparsity  # noqa: E402
+
+
+def _tiny_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(6)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def test_global_pruning_is_the_top_k_mask():
+    model = _tiny_classifier()
+    before = torch.cat([m.weight.detach().abs().flatten() for m, _ in prunable_weights(model)])
+    assert len(prunable_weights(model)) == 2 * 6                           # q, k, v, attention out, intermediate, output per layer
+    embeddings = model.bert.embeddings.word_embeddings.weight.clone()
+    prune_magnitude(model, 0.4)
+    after = torch.cat([m.weight.detach().flatten() for m, _ in prunable_weights(model)])
+    k = int(round(0.4 * before.numel()))
+    want = torch.ones_like(before, dtype=torch.bool); want[before.argsort()[:k]] = False
+    assert torch.equal(after != 0, want) and sparsity(model) == pytest.approx(0.4, abs=1 / before.numel())
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, embeddings)      # embeddings and head are not pruned
+    assert not any(n.endswith("_orig") or n.endswith("_mask") for n, _ in model.named_parameters())   # a plain model again
+
+
+def test_layer_pruning_gives_each_matrix_the_same_share(tmp_path):
+    model = prune_magnitude(_tiny_classifier(), 0.25, scope="layer")
+    for m, _ in prunable_weights(model):
+        assert (m.weight == 0).float().mean().item() == pytest.approx(0.25, abs=1 / m.weight.numel())
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForSequenceClassification
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert sparsity(again) == pytest.approx(sparsity(model))
+
+
+@pytest.mark.parametrize("kw, words", [(dict(amount=1.0), "amount=1.0"), (dict(amount=-0.1), "amount=-0.1"),
+                                       (dict(amount=0.5, scope="rows"), "scope='rows'")])
+def test_pruning_arguments_are_checked(kw, words):
+    with pytest.raises(ValueError, match=words):
+        prune_magnitude(_tiny_classifier(), **kw)
