@@ -26,9 +26,10 @@ from .predict import model_outputs
 from .tasks import IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['EPS', 'ONNX_FILE', 'QuantError', 'qrange', 'QParams', 'choose_qparams', 'int8_linear', 'distillation_loss', 'Distill',
-           'drop_layers', 'require_deploy', 'is_onnx_folder', 'export_onnx', 'quantize_onnx', 'OnnxClassifier',
-           'load_onnx', 'prunable_weights', 'sparsity', 'prune_magnitude']
+__all__ = ['EPS', 'ONNX_FILE', 'QUANTIZE_METHODS', 'QuantError', 'qrange', 'QParams', 'choose_qparams', 'int8_linear',
+           'distillation_loss', 'Distill', 'drop_layers', 'require_deploy', 'is_onnx_folder', 'export_onnx',
+           'quantize_onnx', 'OnnxClassifier', 'load_onnx', 'prunable_weights', 'sparsity', 'prune_magnitude',
+           'quantize']
 
 # %% ../nbs/10_compress.ipynb #a0000007
 class QuantError(ValueError): "A wrong argument to a quantisation function: the message names it and says what to pass."
@@ -328,3 +329,23 @@ def prune_magnitude(
         for m, n in params: prune.l1_unstructured(m, n, amount=float(amount))
     for m, n in params: prune.remove(m, n)                    # the mask folded into the weight: a plain model again
     return model
+
+# %% ../nbs/10_compress.ipynb #a0000048
+QUANTIZE_METHODS = ("int8-dynamic", "int8-weight", "fp16", "bf16")   # what `quantize` does
+
+def quantize(
+    model:nn.Module,                # a float32 model; not changed
+    method:str="int8-dynamic",      # one of `QUANTIZE_METHODS`
+) -> nn.Module:
+    "A copy of `model`: its linear layers in int8 through torchao (`int8-dynamic`, `int8-weight`), or all of it in fp16 or bf16."
+    if method not in QUANTIZE_METHODS: raise QuantError(f"method={method!r}; pass one of {', '.join(map(repr, QUANTIZE_METHODS))}.")
+    if method in ("fp16", "bf16"): return copy.deepcopy(model).eval().to(torch.float16 if method == "fp16" else torch.bfloat16)
+    try:
+        with _quiet_export(), contextlib.redirect_stderr(io.StringIO()):      # torchao reports its absent GPU kernels on import
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as e:
+        raise ImportError(f'int8 quantisation in PyTorch needs torchao, which is not installed ({e}): pip install "bigmodel_nb[deploy]"') from e
+    q = copy.deepcopy(model).eval().float()
+    with _quiet_export():
+        quantize_(q, Int8DynamicActivationInt8WeightConfig() if method == "int8-dynamic" else Int8WeightOnlyConfig())
+    return q

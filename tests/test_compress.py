@@ -247,3 +247,35 @@ def test_layer_pruning_gives_each_matrix_the_same_share(tmp_path):
 def test_pruning_arguments_are_checked(kw, words):
     with pytest.raises(ValueError, match=words):
         prune_magnitude(_tiny_classifier(), **kw)
+
+
+# ---- whole-model quantisation in PyTorch
+
+from bigmodel_nb.compress import QUANTIZE_METHODS, quantize  # noqa: E402
+
+
+@pytest.mark.parametrize("method", QUANTIZE_METHODS)
+def test_quantize_returns_a_close_copy(method):
+    pytest.importorskip("torchao")
+    model = _tiny_classifier()
+    x = dict(input_ids=torch.randint(5, 100, (4, 9)), attention_mask=torch.ones(4, 9, dtype=torch.long))
+    with torch.no_grad():
+        want = model(**x).logits
+        q = quantize(model, method)
+        got = q(**x).logits.float()
+    assert q is not model and model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.float32   # the original is untouched
+    assert torch.allclose(got, want, atol=0.05) and got.shape == want.shape
+    if method in ("fp16", "bf16"):
+        assert next(q.parameters()).dtype == (torch.float16 if method == "fp16" else torch.bfloat16)
+    else:
+        assert type(q.bert.encoder.layer[0].attention.self.query.weight).__name__ != "Parameter"      # a torchao int8 tensor
+
+
+def test_quantize_refuses_unknown_methods_and_says_what_to_install(monkeypatch):
+    with pytest.raises(QuantError, match="int8-dynamic"):
+        quantize(_tiny_classifier(), "int4")
+    import sys
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(ImportError, match=r'bigmodel_nb\[deploy\]'):
+        quantize(_tiny_classifier(), "int8-dynamic")
