@@ -344,7 +344,8 @@ def quantize(
         with _quiet_export(), contextlib.redirect_stderr(io.StringIO()):      # torchao reports its absent GPU kernels on import
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
     except ImportError as e:
-        raise ImportError(f'int8 quantisation in PyTorch needs torchao, which is not installed ({e}): pip install "bigmodel_nb[deploy]"') from e
+        raise ImportError(f'int8 quantisation in PyTorch needs torchao, which is not installed ({e}): pip install "bigmodel_nb[torchao]" '
+                          '(or export to ONNX and use quantize_onnx, with the [deploy] extra)') from e
     q = copy.deepcopy(model).eval().float()
     with _quiet_export():
         quantize_(q, Int8DynamicActivationInt8WeightConfig() if method == "int8-dynamic" else Int8WeightOnlyConfig())

@@ -277,5 +277,5 @@ def test_quantize_refuses_unknown_methods_and_says_what_to_install(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "torchao", None)
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
-    with pytest.raises(ImportError, match=r'bigmodel_nb\[deploy\]'):
+    with pytest.raises(ImportError, match=r'bigmodel_nb\[torchao\]'):
         quantize(_tiny_classifier(), "int8-dynamic")
