@@ -29,7 +29,7 @@ from .tasks import IGNORE_INDEX
 __all__ = ['EPS', 'ONNX_FILE', 'QUANTIZE_METHODS', 'QuantError', 'qrange', 'QParams', 'choose_qparams', 'int8_linear',
            'distillation_loss', 'Distill', 'drop_layers', 'require_deploy', 'is_onnx_folder', 'export_onnx',
            'quantize_onnx', 'OnnxClassifier', 'load_onnx', 'prunable_weights', 'sparsity', 'prune_magnitude',
-           'quantize']
+           'head_importance', 'prune_heads', 'least_important_heads', 'quantize']
 
 # %% ../nbs/10_compress.ipynb #a0000007
 class QuantError(ValueError): "A wrong argument to a quantisation function: the message names it and says what to pass."
@@ -329,6 +329,93 @@ def prune_magnitude(
         for m, n in params: prune.l1_unstructured(m, n, amount=float(amount))
     for m, n in params: prune.remove(m, n)                    # the mask folded into the weight: a plain model again
     return model
+
+# %% ../nbs/10_compress.ipynb #a0000053
+def _attention_parts(layer:nn.Module) -> tuple:
+    "`(self-attention, output projection)` of a BERT-style layer."
+    att = getattr(layer, "attention", None)
+    sa, out = getattr(att, "self", None), getattr(getattr(att, "output", None), "dense", None)
+    if not all(hasattr(sa, n) for n in ("query", "key", "value", "attention_head_size")) or not isinstance(out, nn.Linear):
+        raise ValueError(f"{type(layer).__name__} is not a BERT-style layer (attention.self.query/key/value and attention.output.dense): "
+                         "head pruning works on BERT, RoBERTa and their kin.")
+    return sa, out
+
+def head_importance(
+    model:nn.Module,            # a BERT-style classifier
+    batches,                    # batches of training data: dicts with input_ids, attention_mask, ... and labels
+) -> torch.Tensor:
+    "`(layers, heads)`: |∂loss/∂gate| of each attention head, summed over `batches` (Michel et al., 2019); each layer's row normalised to unit length."
+    _, layers = _layer_list(model)
+    parts = [_attention_parts(layer) for layer in layers]
+    gates = torch.ones(len(layers), max(sa.num_attention_heads for sa, _ in parts), requires_grad=True)
+    def gate(l, n):
+        def hook(module, args):
+            x = args[0]
+            return (x.unflatten(-1, (n, -1)) * gates[l, :n, None].to(x.dtype)).flatten(-2),
+        return hook
+    hooks = [out.register_forward_pre_hook(gate(l, sa.num_attention_heads)) for l, (sa, out) in enumerate(parts)]
+    total, was = torch.zeros_like(gates), model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            loss = F.cross_entropy(model_outputs(model(**batch)).float(), labels, ignore_index=IGNORE_INDEX)
+            total += torch.autograd.grad(loss, gates)[0].abs()
+    finally:
+        for h in hooks: h.remove()
+        model.train(was)
+    return total / total.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+def _keep_rows(lin:nn.Linear, idx:torch.Tensor) -> nn.Linear:
+    new = nn.Linear(lin.in_features, len(idx), bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[idx])
+        if lin.bias is not None: new.bias.copy_(lin.bias[idx])
+    return new
+
+def _keep_columns(lin:nn.Linear, idx:torch.Tensor) -> nn.Linear:
+    new = nn.Linear(len(idx), lin.out_features, bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[:, idx])
+        if lin.bias is not None: new.bias.copy_(lin.bias)
+    return new
+
+def prune_heads(
+    model:nn.Module,            # a BERT-style encoder; pruned in place
+    heads:dict,                 # {layer index: [head indices to remove]}; every layer keeps at least one head
+) -> nn.Module:
+    "Remove attention heads: their rows of the query, key and value matrices and their columns of the output projection; returns `model`."
+    _, layers = _layer_list(model)
+    for l, drop in heads.items():
+        if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < len(layers):
+            raise ValueError(f"layer {l!r} is not a layer of this model; pass indices from 0 to {len(layers) - 1}.")
+        sa, out = _attention_parts(layers[l])
+        n, d = sa.num_attention_heads, sa.attention_head_size
+        drop = sorted(set(drop))
+        if any(isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < n for h in drop):
+            raise ValueError(f"heads {drop} of layer {l}: that layer has heads 0 to {n - 1}.")
+        keep = [h for h in range(n) if h not in drop]
+        if not keep: raise ValueError(f"removing every head of layer {l} leaves it no attention; keep at least one.")
+        idx = torch.cat([torch.arange(h * d, (h + 1) * d) for h in keep]).to(sa.query.weight.device)
+        sa.query, sa.key, sa.value = (_keep_rows(getattr(sa, w), idx) for w in ("query", "key", "value"))
+        layers[l].attention.output.dense = _keep_columns(out, idx)
+        sa.num_attention_heads, sa.all_head_size = len(keep), len(keep) * d
+    return model
+
+def least_important_heads(
+    importance:torch.Tensor,    # from `head_importance`
+    n:int,                      # how many heads to remove in all
+) -> dict:
+    "`{layer: [heads]}`: the `n` heads of lowest importance, never the last head of a layer."
+    left = {l: importance.shape[1] for l in range(importance.shape[0])}
+    chosen = {}
+    for flat in importance.flatten().argsort().tolist():
+        if sum(len(v) for v in chosen.values()) == n: break
+        l, h = divmod(flat, importance.shape[1])
+        if left[l] > 1: chosen.setdefault(l, []).append(h); left[l] -= 1
+    return chosen
 
 # %% ../nbs/10_compress.ipynb #a0000048
 QUANTIZE_METHODS = ("int8-dynamic", "int8-weight", "fp16", "bf16")   # what `quantize` does

@@ -279,3 +279,64 @@ def test_quantize_refuses_unknown_methods_and_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     with pytest.raises(ImportError, match=r'bigmodel_nb\[torchao\]'):
         quantize(_tiny_classifier(), "int8-dynamic")
+
+
+# ---- attention-head pruning
+
+from bigmodel_nb.compress import head_importance, least_important_heads, prune_heads  # noqa: E402
+
+
+def _batches(n=3):
+    torch.manual_seed(7)
+    return [dict(input_ids=torch.randint(5, 100, (4, 10)), attention_mask=torch.ones(4, 10, dtype=torch.long),
+                 labels=torch.randint(0, 2, (4,))) for _ in range(n)]
+
+
+def test_head_importance_is_the_gate_gradient():
+    model = _tiny_classifier()
+    batches = _batches()
+    imp = head_importance(model, batches)
+    assert imp.shape == (2, 2) and torch.allclose(imp.norm(dim=1), torch.ones(2))
+    # the same by hand: a gate on layer 0's heads, through a hook of our own
+    gates = torch.ones(2, requires_grad=True)
+    hook = model.bert.encoder.layer[0].attention.output.dense.register_forward_pre_hook(
+        lambda m, a: ((a[0].unflatten(-1, (2, -1)) * gates[:, None]).flatten(-2),))
+    total = torch.zeros(2)
+    for b in batches:
+        b = dict(b); y = b.pop("labels")
+        total += torch.autograd.grad(torch.nn.functional.cross_entropy(model(**b).logits, y), gates)[0].abs()
+    hook.remove()
+    assert torch.allclose(imp[0], total / total.norm(), atol=1e-5)
+    assert all(p.grad is None for p in model.parameters())                   # the model's own gradients are untouched
+
+
+def test_a_pruned_head_is_a_closed_gate_and_the_model_exports(tmp_path):
+    model = _tiny_classifier()
+    x = dict(input_ids=torch.randint(5, 100, (3, 8)), attention_mask=torch.ones(3, 8, dtype=torch.long))
+    hook = model.bert.encoder.layer[1].attention.output.dense.register_forward_pre_hook(
+        lambda m, a: ((a[0].unflatten(-1, (2, -1)) * torch.tensor([1.0, 0.0])[:, None]).flatten(-2),))
+    with torch.no_grad(): closed = model(**x).logits
+    hook.remove()
+    prune_heads(model, {1: [1]})
+    sa = model.bert.encoder.layer[1].attention.self
+    assert sa.num_attention_heads == 1 and sa.query.out_features == 16 and model.bert.encoder.layer[1].attention.output.dense.in_features == 16
+    with torch.no_grad(): assert torch.allclose(model(**x).logits, closed, atol=1e-6)
+    pytest.importorskip("onnxscript"); pytest.importorskip("onnxruntime")
+    from transformers import AutoTokenizer
+    from bigmodel_nb.assets import model_path
+    from bigmodel_nb.compress import export_onnx, load_onnx
+    big = _tiny_classifier().eval()
+    big.resize_token_embeddings(len(AutoTokenizer.from_pretrained(model_path("minilm"))))
+    prune_heads(big, {0: [0]})
+    folder = export_onnx(big, AutoTokenizer.from_pretrained(model_path("minilm")), tmp_path / "onnx")    # checks ONNX against torch itself
+    assert load_onnx(folder)[0].config.num_labels == 2
+
+
+def test_least_important_heads_keeps_one_per_layer_and_bad_requests_are_named():
+    imp = torch.tensor([[0.1, 0.2, 0.3], [0.05, 0.9, 0.8]])
+    assert least_important_heads(imp, 2) == {1: [0], 0: [0]}
+    assert sum(map(len, least_important_heads(imp, 10).values())) == 4      # never the last head of a layer
+    model = _tiny_classifier()
+    for heads, words in [({0: [0, 1]}, "keep at least one"), ({5: [0]}, "layer 5"), ({0: [7]}, "heads \\[7\\]")]:
+        with pytest.raises(ValueError, match=words):
+            prune_heads(model, heads)
