@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .events import Callback
-from .predict import model_outputs
 from .tasks import IGNORE_INDEX
 
 # %% auto #0
@@ -32,6 +31,10 @@ __all__ = ['EPS', 'ONNX_FILE', 'QUANTIZE_METHODS', 'QuantError', 'qrange', 'QPar
            'head_importance', 'prune_heads', 'least_important_heads', 'quantize']
 
 # %% ../nbs/10_compress.ipynb #a0000007
+def _logits(out) -> torch.Tensor:
+    "The logits of a transformers output, or the output itself (an `OnnxClassifier` returns the tensor)."
+    return getattr(out, "logits", out)
+
 class QuantError(ValueError): "A wrong argument to a quantisation function: the message names it and says what to pass."
 
 def qrange(
@@ -165,7 +168,7 @@ class Distill(Callback):
         if not l.model.training: return
         inputs = {k: v.to(l.device) for k, v in l.batch.items() if k != "labels"}
         with torch.no_grad(), torch.autocast(l.device.type, dtype=l.dtype, enabled=l.dtype != torch.float32):
-            teacher = model_outputs(self.teacher(**inputs))
+            teacher = _logits(self.teacher(**inputs))
         total, _ = distillation_loss(l.pred, teacher, l.batch["labels"].to(l.device), self.T, self.alpha)
         l.loss = total * l.loss_scale
 
@@ -242,7 +245,7 @@ def export_onnx(
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if check:
-        with torch.no_grad(): want = model_outputs(model(**inputs)).numpy()
+        with torch.no_grad(): want = _logits(model(**inputs)).numpy()
         got = ort.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"]).run(["logits"], {n: v.numpy() for n, v in inputs.items()})[0]
         diff = float(abs(got - want).max())
         if diff > atol: raise RuntimeError(f"the exported model's outputs differ from PyTorch's by {diff:.2e} (more than {atol:g}); {folder / ONNX_FILE} is kept for a look.")
@@ -361,7 +364,7 @@ def head_importance(
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            loss = F.cross_entropy(model_outputs(model(**batch)).float(), labels, ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(_logits(model(**batch)).float(), labels, ignore_index=IGNORE_INDEX)
             total += torch.autograd.grad(loss, gates)[0].abs()
     finally:
         for h in hooks: h.remove()
