@@ -31,6 +31,20 @@ def run_main(capsys, *args):
     return code, out, err
 
 
+def interrupt_after_first_epoch(cmd: list, out, env: dict, timeout: float = 240):
+    "Start `cmd` (a `finetune` run writing to `out`), send Ctrl-C once its first epoch is done: (return code, stdout, stderr)."
+    import signal, subprocess, time
+    proc = subprocess.Popen([str(a) for a in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + timeout
+    while not (out / "history.csv").exists():                  # written after the first epoch: training is under way
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
     """A small BERT (2 layers, hidden 32) with random weights and the real MiniLM tokenizer, saved as a

@@ -2,17 +2,15 @@
 (stdout that stays parseable, exit codes, a real Ctrl-C), `main([...])` in-process where it is faster."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from bigmodel_nb import cli
 from bigmodel_nb.assets import load_sample
-from conftest import run_main
+from conftest import interrupt_after_first_epoch, run_main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 TRAIN = ["--epochs", "1", "--lr", "1e-3", "--batch-size", "16", "--max-length", "32"]   # fast settings for the tiny BERT
@@ -210,15 +208,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_bert_dir, re
     cmd = ["bigmodel-nb", "finetune", "--data", str(reviews_csv), "--text-col", "review", "--label-col", "sentiment",
            "--model", str(tiny_bert_dir), "--epochs", "3", "--lr", "1e-3", "--batch-size", "16", "--max-length", "32",
            "--out", str(out), "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 240
-    while not (out / "history.csv").exists():                  # written after the first epoch: training is under way
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no epoch finished in time"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-3000:]
+    returncode, stdout, stderr = interrupt_after_first_epoch(cmd, out, ENV)
+    assert returncode == 130, stderr[-3000:]
     assert stdout == "" and "Traceback" not in stderr
     assert f"bigmodel-nb finetune --resume {out / 'checkpoint'}" in stderr
     from bigmodel_nb.learner import checkpoint_progress

@@ -2,10 +2,7 @@
 on a small real BERT and real movie reviews. A run stopped by Ctrl-C and resumed ends where an unbroken run ends."""
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import torch
 
 from bigmodel_nb import cli
 from bigmodel_nb.assets import load_sample
+from conftest import interrupt_after_first_epoch
 
 peft = pytest.importorskip("peft")
 ENV = {**os.environ, "BIGMODEL_NB_DEVICE": "cpu", "TOKENIZERS_PARALLELISM": "false"}
@@ -138,16 +136,8 @@ def test_ctrl_c_and_resume_end_where_an_unbroken_run_ends(tiny_bert_dir, reviews
     assert code == 0, err[-2000:]
     whole = json.loads(stdout.strip().splitlines()[-1])
     out = tmp_path / "cut"
-    proc = subprocess.Popen(["bigmodel-nb", "finetune", *map(str, args), "--out", str(out), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 240
-    while not (out / "history.csv").exists():                     # the first epoch is done: stop it in the second
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no epoch finished in time"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-3000:]
+    returncode, _, stderr = interrupt_after_first_epoch(["bigmodel-nb", "finetune", *args, "--out", out, "--json"], out, ENV)
+    assert returncode == 130, stderr[-3000:]                      # stopped in the second epoch
     assert not (out / "checkpoint" / "model.safetensors").exists() and (out / "checkpoint" / "trainable.safetensors").is_file()
     code, _, err = _run("predict", "--model", out, "a film")
     assert code == 2 and "--resume" in err
