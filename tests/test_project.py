@@ -93,8 +93,11 @@ def test_every_notebook_installs_itself_on_colab():
         first = code[1] if "default_exp" in "".join(code[0]["source"]) else code[0]
         src = "".join(first["source"])
         assert "google.colab" in src and "pip install" in src, f"{p.name}: the first code cell must install the package on Colab"
-        extras = [""] + [f"[{k.removesuffix('_requirements')}]" for k in colab.settings() if k.endswith("_requirements") and k != "dev_requirements"]
-        assert any(colab.install_command(e) in src for e in extras), f"{p.name}: run python tools/colab.py"
+        known = {k.removesuffix("_requirements") for k in colab.settings() if k.endswith("_requirements") and k != "dev_requirements"}
+        asked = re.search(r'bigmodel_nb(?:\[([a-z,]+)\])? @', src)
+        extras = asked.group(1).split(",") if asked and asked.group(1) else []
+        assert asked and set(extras) <= known, f"{p.name}: extras {extras} are not all in settings.ini ({sorted(known)})"
+        assert colab.install_command(f"[{','.join(extras)}]" if extras else "") in src, f"{p.name}: run python tools/colab.py"
 
 
 def test_colab_cells_and_badges_follow_settings_ini():
