@@ -464,6 +464,8 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
              f"  bigmodel-nb finetune --resume {out / 'checkpoint'}")
         return EXIT_CODES.get(learn.stop_reason, 130)
     metrics = learn.evaluate(split)
+    calibration = _calibrate(learn, data, split, metrics) if getattr(args, "calibrate", True) and not adapter else None
+    if calibration: metrics = calibration.pop("metrics")
     if adapter:                                               # the adapter folder, recording the base model as it was named
         from bigmodel_nb.peft import save_adapter
         save_adapter(learn.model, out, tok, base=s["model"])
@@ -475,6 +477,7 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
                   samples_per_s=seen / train_time if train_time else None, train_time_s=train_time,
                   wall_time_s=time.perf_counter() - t0, device=str(learn.device), precision=precision_name(learn.dtype),
                   out=str(out))
+    if calibration: result["calibration"] = calibration
     if adapter: result.update(adapter=adapter, trainable_params=sum(p.numel() for p in learn.model.parameters() if p.requires_grad),
                               adapter_bytes=(out / "adapter_model.safetensors").stat().st_size)
     record.update(status="done", finished=datetime.now().isoformat(timespec="seconds"), metrics=result); _write_run(out, record)
@@ -486,6 +489,10 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
             rows["valid (last epoch)"] = dict(rows=result["n_valid"], **{k: h[f"valid_{k}"] for k in metrics})
         rows[split] = dict(rows=result["n_test"], **metrics)
         print(_metrics_table(rows), file=args.stdout)
+        if calibration:
+            c = calibration
+            print(f"\ncalibrated: temperature {c['temperature']:.3f} fitted on {c['rows']:,} valid rows; {split} ECE {c['ece_before']:.3f} -> "
+                  f"{c['ece_after']:.3f}, log loss {c['loss_before']:.3f} -> {c['loss_after']:.3f} (labels unchanged)", file=args.stdout)
         example = data.df.text[data.df.split == split].iloc[0]
         print(f"\ntrained {learn.epoch} epochs on {result['n_train']:,} rows in {_duration(train_time)} "
               f"({result['samples_per_s'] or 0:.1f} samples/s, {result['device']}, {result['precision']}); {_duration(result['wall_time_s'])} in all\n"
@@ -494,6 +501,20 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
               f"\ntry it:  bigmodel-nb predict --model {shlex.quote(str(out))} {shlex.quote(example[:80])}",
               file=args.stdout, flush=True)
     return 0
+
+def _calibrate(learn, data, split:str, metrics:dict) -> dict|None:
+    "Temperature scaling fitted on the valid rows and folded into the head; the before/after on `split` (None, with a note, if it cannot be done honestly)."
+    from bigmodel_nb.evaluation import apply_temperature, fit_temperature
+    if data.task.name != "classification": return None
+    if "valid" not in data.splits or split == "valid":
+        _say("note: no calibration: it needs a valid split to fit on and a test split to judge it on"); return None
+    valid_z, valid_y = learn.get_preds("valid")
+    t = fit_temperature(valid_z, valid_y)
+    apply_temperature(learn.model, t, fitted_on="valid", rows=len(valid_y))
+    after = learn.evaluate(split)
+    return dict(temperature=learn.model.config.calibration["temperature"], fitted_on="valid", rows=len(valid_y), split=split,
+                ece_before=metrics.get("ece"), ece_after=after.get("ece"), loss_before=metrics.get("loss"), loss_after=after.get("loss"),
+                metrics=after)
 
 ADAPTER_METHODS = ("lora", "adalora", "prefix", "ia3")   # `--adapter`: the methods of `peft.with_adapter`
 
@@ -1076,6 +1097,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log", action="append", choices=("tensorboard", "mlflow"), metavar="{tensorboard,mlflow}",
                    help="also record the run, every hyperparameter change included, as TensorBoard event files (OUT/tensorboard) "
                         "or a local MLflow store (OUT/mlruns); repeat for both. Needs the tracking extra: pip install \"bigmodel_nb[tracking]\"")
+    g.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="keep the raw probabilities (by default a temperature fitted on "
+                   "the valid rows is folded into the head, so that confidences match accuracy; labels never change)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout (everything else goes to stderr)")
     ft.set_defaults(run=_cmd_finetune)

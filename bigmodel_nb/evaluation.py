@@ -22,7 +22,8 @@ from .tasks import RegressionTask, Task, task_from_config
 
 # %% auto #0
 __all__ = ['TextBaseline', 'ConstantBaseline', 'TfidfClassifier', 'TfidfRegressor', 'check_split', 'evaluate', 'tfidf_baseline',
-           'baselines', 'stratified_folds', 'subset', 'RunScores', 'cross_validate', 'multi_seed']
+           'baselines', 'fit_temperature', 'output_layer', 'apply_temperature', 'stratified_folds', 'subset',
+           'RunScores', 'cross_validate', 'multi_seed']
 
 # %% ../nbs/06a_evaluation.ipynb #e03c6c9e
 class TextBaseline:
@@ -235,6 +236,51 @@ def baselines(
     out = {const: evaluate(ConstantBaseline(data).fit(), split=split, name=const)}
     tfidf = tfidf_baseline(data, split)
     return {**out, tfidf.name: tfidf}
+
+# %% ../nbs/06a_evaluation.ipynb #e6c10002
+def fit_temperature(
+    logits,                     # (N, C) logits of held-out rows: the valid split, never the test split
+    targets,                    # (N,) their class ids
+    max_iter:int=100,           # L-BFGS iterations at most
+) -> float:
+    "The temperature T > 0 that minimises the mean negative log-likelihood of softmax(logits / T): L-BFGS on log T."
+    z, y = torch.as_tensor(logits).detach().double().cpu(), torch.as_tensor(targets).detach().long().cpu()
+    if z.dim() != 2 or z.shape[1] < 2: raise MetricsError(f"logits have shape {tuple(z.shape)}; pass (rows, classes) with two classes or more.")
+    if len(y) != len(z) or len(z) == 0: raise MetricsError(f"{len(z)} rows of logits and {len(y)} targets; pass one class id per row (at least one row).")
+    if not torch.isfinite(z).all(): raise MetricsError("the logits hold NaN or infinite values; a model that outputs them cannot be calibrated.")
+    if y.min() < 0 or y.max() >= z.shape[1]: raise MetricsError(f"targets run from {int(y.min())} to {int(y.max())}; class ids go from 0 to {z.shape[1] - 1}.")
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return float(log_t.detach().exp())
+
+def output_layer(model:torch.nn.Module) -> torch.nn.Linear:
+    "The linear layer that produces a classifier's logits: the last `nn.Linear` with `config.num_labels` outputs."
+    n = getattr(getattr(model, "config", None), "num_labels", None)
+    found = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n]
+    if not found: raise MetricsError(f"{type(model).__name__} has no linear layer with {n} outputs (its config's num_labels) to hold a temperature.")
+    return found[-1]
+
+def apply_temperature(
+    model:torch.nn.Module,      # a classifier; changed in place
+    temperature:float,          # from `fit_temperature`
+    **info,                     # what to record with it, e.g. the split and rows it was fitted on
+) -> torch.nn.Module:
+    "Fold 1/T into the output layer (its logits become z / T) and record the temperature in `model.config.calibration`; returns `model`."
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (0 < temperature < float("inf")):
+        raise MetricsError(f"temperature={temperature!r}; pass a positive number (from fit_temperature).")
+    layer = output_layer(model)
+    with torch.no_grad():
+        layer.weight.div_(temperature)
+        if layer.bias is not None: layer.bias.div_(temperature)
+    before = (getattr(model.config, "calibration", None) or {}).get("temperature", 1.0)
+    model.config.calibration = dict(temperature=float(before * temperature), **info)   # the product, if it was calibrated before
+    return model
 
 # %% ../nbs/06a_evaluation.ipynb #571e9399
 def stratified_folds(

@@ -200,7 +200,8 @@ def make_app(
     task = predictor.task
     info = dict(task=task.name, labels=[str(task.id2label[i]) for i in range(len(task.id2label))] if hasattr(task, "id2label") else None,
                 max_length=predictor.max_length, device=str(predictor.device), max_batch=max_batch, max_wait_ms=max_wait_ms,
-                max_texts=max_texts, max_chars=max_chars, **(metadata or {}))
+                max_texts=max_texts, max_chars=max_chars, calibration=getattr(getattr(predictor.model, "config", None), "calibration", None),
+                **(metadata or {}))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

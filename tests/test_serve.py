@@ -204,6 +204,7 @@ def test_the_serve_command_serves_a_finetune_folder_until_ctrl_c(trained):
     want = json.loads(pred.stdout)
     assert status == 200 and answer["label"] == want["label"]
     assert meta["model"] == str(trained) and meta["max_length"] == 32                # the run's length, as `predict` uses
+    assert meta["calibration"]["fitted_on"] == "valid" and meta["calibration"]["temperature"] > 0   # what finetune folded into the head
     assert proc.returncode == 0 and f"http://127.0.0.1:{port}" in stderr
 
 
