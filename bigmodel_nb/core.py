@@ -24,7 +24,7 @@ import torch
 # %% auto #0
 __all__ = ['DEVICE_ENV', 'CACHE_ENV', 'PRECISION_CHOICES', 'PRECISIONS', 'REPORTED_PACKAGES', 'mps_available', 'get_device',
            'bf16_supported', 'autocast_dtype', 'precision_name', 'needs_loss_scaling', 'set_seed', 'run_context',
-           'in_notebook', 'cache_dir', 'warn', 'patch_to', 'atomic_write', 'pid_alive', 'say', 'say_to',
+           'in_notebook', 'cache_dir', 'warn', 'quiet_import', 'patch_to', 'atomic_write', 'pid_alive', 'say', 'say_to',
            'cpu_state_dict', 'rng_state', 'set_rng_state', 'check_positive', 'check_nonnegative', 'check_fraction',
            'check_seed', 'check_choice', 'plural', 'rows_text', 'short_repr', 'Issue', 'EnvReport', 'env_report']
 
@@ -186,6 +186,28 @@ def warn(
     while frame.f_back is not None and _passes_through(frame.f_globals.get("__name__", "")):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)    # +1: this function's own frame
+
+# %% ../nbs/00_core.ipynb #c0a10002
+def quiet_import(
+    *names:str,                     # modules to import, in order (the first decides whether the package is installed)
+    loggers:Sequence[str]=(),       # logging channels turned down to ERROR while they import
+):
+    "The first module of `names`, imported with its first-import notices held back; None if it is not installed."
+    import importlib, importlib.util, io, logging
+    try:
+        if importlib.util.find_spec(names[0]) is None: return None
+    except (ImportError, ValueError, AttributeError): return None     # e.g. a module blocked by sys.modules[name] = None
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    try:
+        for logger, _ in saved: logger.setLevel(logging.ERROR)
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            first = importlib.import_module(names[0])
+            for later in names[1:]:
+                with contextlib.suppress(Exception): importlib.import_module(later)
+    finally:
+        for logger, level in saved: logger.setLevel(level)
+    return first
 
 # %% ../nbs/00_core.ipynb #fae24396
 def patch_to(

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from .callbacks import CheckpointEvery, CSVLogger, ProgressCallback
+from .card import model_metadata, write_card
 from .core import (PRECISION_CHOICES, atomic_write, autocast_dtype, check_choice, check_fraction, check_nonnegative,
                               check_positive, check_seed, cpu_state_dict, get_device, needs_loss_scaling, patch_to, pid_alive,
                               precision_name, rng_state, say, set_rng_state, set_seed, warn)
@@ -880,13 +881,19 @@ def load_state_dict(self, state:dict):
 
 # %% ../nbs/04_learner.ipynb #35920840
 @patch_to(Learner)
-def save_model(self, path:str|Path) -> Path:
-    "The model (with its label names) and tokenizer, as a folder that `from_pretrained` loads; for a `peft` model, its adapter folder."
+def save_model(self,
+    path:str|Path,                  # the folder to write
+    metrics:dict|None=None,         # `{split: {metric: value}}` for the model card, e.g. `{"test": learn.evaluate("test")}`
+    **card,                         # more for the card (e.g. `command=...`)
+) -> Path:
+    "The model (with its label names) and tokenizer, as a folder that `from_pretrained` loads (for a `peft` model, its adapter folder), with a model card: `metadata.json` and `README.md`."
     path, kind = Path(path), adapter_kind(self.model)
     with quiet_transformers():                                      # no progress bar of its own across the training bar
-        if kind == "peft": return save_adapter(self.model, path, self.tokenizer)   # `peft.load_adapter` reads it
-        (merged_model(self.model) if kind == "lora" else self.model).save_pretrained(path, safe_serialization=True)
-        if self.tokenizer is not None: self.tokenizer.save_pretrained(path)
+        if kind == "peft": save_adapter(self.model, path, self.tokenizer)   # `peft.load_adapter` reads it
+        else:
+            (merged_model(self.model) if kind == "lora" else self.model).save_pretrained(path, safe_serialization=True)
+            if self.tokenizer is not None: self.tokenizer.save_pretrained(path)
+    write_card(path, model_metadata(self.model, self.data, self.hp, metrics, **card))
     return path
 
 @patch_to(Learner)

@@ -17,14 +17,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import nn
+
+from .core import autocast_dtype, check_fraction, get_device, precision_name, quiet_import, warn
+
+TORCHAO_NOTICES = ("torchao", "torch.utils._pytree")   # the loggers torchao's first import writes to
+# transformers imports torchao (when installed) with its model classes; torchao's first import reports GPU kernels a CPU cannot load
+quiet_import("torchao", "torchao.quantization", "torchao.prototype.safetensors.safetensors_support", loggers=TORCHAO_NOTICES)
 import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from .core import autocast_dtype, check_fraction, get_device, precision_name, warn
 from .tasks import ClassificationTask, Task, get_task
 
 # %% auto #0
-__all__ = ['ATTENTION_KINDS', 'BERT_FAMILY', 'OPTIMIZERS', 'LabelError', 'head_labels', 'ModelNotFoundError',
+__all__ = ['TORCHAO_NOTICES', 'ATTENTION_KINDS', 'BERT_FAMILY', 'OPTIMIZERS', 'LabelError', 'head_labels', 'ModelNotFoundError',
            'LabelMismatchError', 'DamagedModelError', 'NewHeadWarning', 'RandomBodyWarning', 'quiet_transformers',
            'set_dropout', 'model_dropout', 'load_classifier', 'load_tokenizer', 'count_parameters', 'parameter_table',
            'PatternError', 'freeze', 'unfreeze', 'freeze_body', 'activation_memory', 'MemoryEstimate',
