@@ -725,12 +725,33 @@ def _cmd_serve(args) -> int:
     model, tok = load_model(args.model, trained=True, base=args.base)
     saved = (read_run(args.model) or {}).get("settings", {}) if Path(args.model).expanduser().is_dir() else {}
     predictor = Predictor(model, tok, device=get_device(args.device), max_length=_max_length(args.max_length or saved.get("max_length"), tok))
+    monitor = _drift_monitor(args, saved, predictor) if args.drift else None
     if not is_loopback(args.host): _say(f"note: --host {args.host} opens the model to every machine that can reach this one on port {args.port}")
     _say(f"serving {args.model} at http://{args.host}:{args.port}  (POST /predict, GET /health /metadata /metrics; Ctrl-C stops)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                # the host was reported above
-        serve(predictor, args.host, args.port, args.max_batch, args.max_wait_ms, metadata=dict(model=str(args.model)), log_level=args.log_level)
+        serve(predictor, args.host, args.port, args.max_batch, args.max_wait_ms, metadata=dict(model=str(args.model)), monitor=monitor,
+              log_level=args.log_level)
     return 0
+
+# %% ../nbs/12_cli.ipynb #a7f10004
+def _drift_monitor(args, saved:dict, predictor):
+    "A `DriftMonitor` on the run's own data: its valid rows as the reference, windows of its test rows for the thresholds."
+    from bigmodel_nb.monitor import DriftMonitor
+    if not saved.get("data"):
+        raise UsageError(f"--drift needs the data the model was trained on, and {args.model} holds no run.json that names it; "
+                         "serve a folder written by `bigmodel-nb finetune`, or drop --drift.")
+    if predictor.task.name != "classification": raise UsageError("--drift watches a classifier's classes and confidences; this model is a regression.")
+    pick = lambda k: saved.get(k, FINETUNE_DEFAULTS[k])
+    data = load_data(saved["data"], pick("text_col"), pick("label_col"), pick("seed"), pick("drop_invalid"), pick("encoding"),
+                     task="classification", sep=pick("sep"), valid_pct=pick("valid_pct"), test_pct=pick("test_pct"))
+    texts = {s: data.df.text[data.df.split == s].tolist() for s in ("valid", "test")}
+    if min(map(len, texts.values())) < args.drift_window:
+        raise UsageError(f"--drift-window {args.drift_window}: the run's data has {len(texts['valid']):,} valid and {len(texts['test']):,} test rows; "
+                         "pass a window no larger than either.")
+    _say(f"drift monitor: reference {len(texts['valid']):,} valid rows of {saved['data']}, thresholds from windows of its "
+         f"{len(texts['test']):,} test rows; windows of {args.drift_window} texts")
+    return DriftMonitor(predictor, texts["valid"], texts["test"], window=args.drift_window)
 
 # %% ../nbs/12_cli.ipynb #a7f20002
 def _cmd_info(args) -> int:
@@ -1210,6 +1231,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-length", type=_positive(int), help="truncate texts to this many tokens (default: the run's, else the model's limit up to 512)")
     sv.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic)")
     sv.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
+    sv.add_argument("--drift", action="store_true", help="report drift statistics in /metrics, against the run's own valid rows")
+    sv.add_argument("--drift-window", type=_positive(int), default=200, help="texts per drift window (default: 200)")
     sv.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="the server's log (default: info)")
     sv.set_defaults(run=_cmd_serve)
 

@@ -191,6 +191,7 @@ def make_app(
     max_texts:int=64,          # texts per request at most
     max_chars:int=10_000,       # characters per text at most
     metadata:dict|None=None,    # more for `GET /metadata` (e.g. the model's folder)
+    monitor=None,               # a `monitor.DriftMonitor`: `/metrics` then reports drift over the last `monitor.window` texts served
 ):
     "A FastAPI app serving `predictor`: `POST /predict`, `GET /health`, `GET /metadata`, `GET /metrics`; its `MicroBatcher` is `app.state.batcher`."
     import contextlib
@@ -210,6 +211,7 @@ def make_app(
 
     app = fastapi.FastAPI(title="bigmodel-nb", summary="predictions of a fine-tuned model", lifespan=lifespan)
     app.state.batcher = batcher
+    recent = deque(maxlen=monitor.window if monitor is not None else 1)      # the last texts served, for the drift statistics
     limit = max_texts * (max_chars * 12 + 8) + 1024        # the largest body a valid request can have (JSON's \uXXXX\uXXXX: 12 bytes a character)
 
     async def predict(request):
@@ -217,6 +219,7 @@ def make_app(
             return JSONResponse({"error": f"the body is larger than {limit:,} bytes; send fewer or shorter texts."}, status_code=413)
         try: texts, single = parse_request(await request.body(), max_texts, max_chars)
         except ServeError as e: return JSONResponse({"error": str(e)}, status_code=e.status)
+        recent.extend(texts)
         try: answers = await asyncio.wrap_future(batcher.submit(texts))
         except Exception as e:
             return JSONResponse({"error": f"the model failed on this request ({type(e).__name__}: {e}); the server goes on serving."}, status_code=500)
@@ -234,7 +237,15 @@ def make_app(
     async def meta(): return info
 
     @app.get("/metrics")
-    async def metrics(): return batcher.metrics()
+    async def metrics():
+        out = batcher.metrics()
+        if monitor is not None:
+            window = list(recent)
+            if len(window) < monitor.window: out["drift"] = dict(waiting=f"{len(window)} of the {monitor.window} texts a window needs")
+            else:
+                report = await asyncio.to_thread(monitor.check, window)
+                out["drift"] = dict(report, thresholds=monitor.thresholds)
+        return out
 
     return app
 
@@ -283,6 +294,7 @@ def serve(
     device:str|None=None,           # where the model runs; None: the best device here
     max_length:int|None=None,       # tokens per text; None: the model's own limit (at most 512)
     metadata:dict|None=None,        # more for `GET /metadata`
+    monitor=None,                   # a `monitor.DriftMonitor` for `/metrics`
     log_level:str="info",           # uvicorn's log level
 ):
     "Serve a model over HTTP in the foreground until interrupted (see `make_app` for the routes)."
@@ -293,4 +305,4 @@ def serve(
         metadata = dict(model=str(model), **(metadata or {}))
     if not is_loopback(host):
         warnings.warn(f"serving on {host}: anyone who can reach this machine on port {port} can call the model.", stacklevel=2)
-    uvicorn.run(make_app(predictor, max_batch, max_wait_ms, metadata=metadata), host=host, port=port, log_level=log_level)
+    uvicorn.run(make_app(predictor, max_batch, max_wait_ms, metadata=metadata, monitor=monitor), host=host, port=port, log_level=log_level)

@@ -183,7 +183,7 @@ def _free_port() -> int:
 
 def test_the_serve_command_serves_a_finetune_folder_until_ctrl_c(trained):
     port = _free_port()
-    proc = subprocess.Popen(["bigmodel-nb", "serve", "--model", str(trained), "--port", str(port), "--log-level", "warning"],
+    proc = subprocess.Popen(["bigmodel-nb", "serve", "--model", str(trained), "--port", str(port), "--log-level", "warning", "--drift", "--drift-window", "10"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -197,6 +197,9 @@ def test_the_serve_command_serves_a_finetune_folder_until_ctrl_c(trained):
             time.sleep(0.2)
         status, answer = call(url + "/predict", {"text": "a gripping, funny film"})
         meta = call(url + "/metadata")[1]
+        waiting = call(url + "/metrics")[1]["drift"]
+        call(url + "/predict", {"texts": [f"message {i}: call now to claim your prize" for i in range(10)]})
+        drift = call(url + "/metrics")[1]["drift"]
     finally:
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
@@ -205,7 +208,15 @@ def test_the_serve_command_serves_a_finetune_folder_until_ctrl_c(trained):
     assert status == 200 and answer["label"] == want["label"]
     assert meta["model"] == str(trained) and meta["max_length"] == 32                # the run's length, as `predict` uses
     assert meta["calibration"]["fitted_on"] == "valid" and meta["calibration"]["temperature"] > 0   # what finetune folded into the head
-    assert proc.returncode == 0 and f"http://127.0.0.1:{port}" in stderr
+    assert proc.returncode == 0 and f"http://127.0.0.1:{port}" in stderr and "drift monitor: reference 20 valid rows" in stderr
+    assert "1 of the 10 texts" in waiting["waiting"]
+    assert set(drift["statistics"]) == set(drift["thresholds"]) and drift["texts"] == 10 and isinstance(drift["alert"], bool)
+
+
+def test_drift_needs_windows_the_run_can_fill(trained, capsys):
+    from conftest import run_main
+    code, _, err = run_main(capsys, "serve", "--model", trained, "--drift")          # the default window, 200, against 20 valid rows
+    assert code == 2 and "--drift-window 200" in err and "20 valid and 20 test rows" in err
 
 
 def test_without_the_extra_serving_says_how_to_install_it(monkeypatch, trained, capsys):

@@ -1,0 +1,83 @@
+"""Drift statistics (`bigmodel_nb.monitor`) against their formulas and scipy, and `DriftMonitor` on real text: quiet on in-domain
+windows at the rate it was set to, alarmed by another domain."""
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from bigmodel_nb.monitor import DriftMonitor, STATISTICS, ks_distance, median_width, mmd2, psi, quantile_edges, shares
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_psi_is_the_sum_of_the_two_kl_divergences(seed):
+    rng = np.random.default_rng(seed)
+    e, a = rng.dirichlet(np.ones(8)), rng.dirichlet(np.ones(8))
+    assert psi(e, a, eps=1e-300) == pytest.approx(scipy.stats.entropy(a, e) + scipy.stats.entropy(e, a), rel=1e-9)
+    assert psi(e, e) == pytest.approx(0.0, abs=1e-12) and psi(e, a) == pytest.approx(psi(a, e))
+    empty = np.r_[0.0, a[1:] / a[1:].sum()]                                                     # an empty bin: floored, so finite
+    fa, fe = np.clip(empty, 1e-4, None), np.clip(e, 1e-4, None)
+    fa, fe = fa / fa.sum(), fe / fe.sum()
+    assert psi(e, empty) == pytest.approx(np.sum((fa - fe) * np.log(fa / fe)), rel=1e-9) and np.isfinite(psi(e, empty))
+    with pytest.raises(ValueError, match="bin both the same way"): psi(e, a[:5])
+
+
+def test_quantile_bins_hold_equal_shares_and_catch_everything():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=10_000)
+    edges = quantile_edges(ref, 10)
+    assert np.allclose(shares(ref, edges), 0.1, atol=0.001)
+    assert shares(np.array([-1e9, 1e9]), edges).sum() == pytest.approx(1.0)                    # nothing falls outside
+    lengths = np.r_[np.full(900, 7), np.arange(100)]                                           # many ties: repeated edges merged
+    assert np.all(np.diff(quantile_edges(lengths, 10)) > 0)
+
+
+@pytest.mark.parametrize("make", [lambda r: (r.normal(size=300), r.normal(0.3, 1, 200)),
+                                  lambda r: (r.integers(0, 5, 100).astype(float), r.integers(0, 6, 80).astype(float)),   # ties
+                                  lambda r: (r.random(3), r.random(1000))])
+def test_ks_distance_equals_scipy(make):
+    a, b = make(np.random.default_rng(2))
+    assert ks_distance(a, b) == pytest.approx(scipy.stats.ks_2samp(a, b).statistic, abs=1e-12)
+
+
+def test_mmd2_is_the_unbiased_formula_and_sees_a_shift():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(12, 4)), rng.normal(size=(9, 4)) + 0.5
+    w = median_width(x)
+    k = lambda p, q: np.exp(-np.sum((p - q) ** 2) / (2 * w * w))
+    by_hand = (sum(k(x[i], x[j]) for i in range(12) for j in range(12) if i != j) / (12 * 11)
+               + sum(k(y[i], y[j]) for i in range(9) for j in range(9) if i != j) / (9 * 8) - 2 * np.mean([k(p, q) for p in x for q in y]))
+    assert mmd2(x, y, w) == pytest.approx(by_hand, abs=1e-12)
+    big = rng.normal(size=(400, 4))
+    assert abs(mmd2(big[:200], big[200:], w)) < 0.02 < mmd2(big[:200], big[200:] + 1.0, w)
+
+
+@pytest.fixture(scope="module")
+def monitor_and_texts():
+    from bigmodel_nb.assets import load_sample
+    from bigmodel_nb.core import set_seed
+    from bigmodel_nb.models import load_classifier
+    from bigmodel_nb.predict import Predictor
+    set_seed(0)
+    model, tok = load_classifier("minilm", labels=["negative", "positive"])
+    predictor = Predictor(model, tok, device="cpu", max_length=48)
+    movies = load_sample("movie_reviews").sample(1400, random_state=5).text.tolist()
+    monitor = DriftMonitor(predictor, movies[:400], movies[400:800], window=60, alert_rate=0.1, seed=1)
+    return monitor, movies[800:], load_sample("sms_spam").sample(180, random_state=5).text.tolist()
+
+
+def test_no_alarm_on_in_domain_windows_at_the_chosen_rate_and_alarms_on_another_domain(monitor_and_texts):
+    monitor, fresh, sms = monitor_and_texts
+    assert set(monitor.thresholds) == set(STATISTICS)
+    alarms = [monitor.check(fresh[i:i + 60])["alert"] for i in range(0, 600, 60)]             # ten unseen in-domain windows
+    assert sum(alarms) <= 3                                                                     # alert_rate 0.1: P(4 or more of 10) < 0.013
+    shifted = [monitor.check(sms[i:i + 60]) for i in range(0, 180, 60)]
+    assert all(r["alert"] and "mmd2_embedding" in r["over"] for r in shifted)
+    r = shifted[0]
+    assert r["texts"] == 60 and 0 <= r["ks_p_value"] <= 1 and sum(r["predicted"].values()) == pytest.approx(1.0)
+
+
+def test_monitor_arguments_are_checked(monitor_and_texts):
+    monitor, fresh, _ = monitor_and_texts
+    with pytest.raises(ValueError, match="at least 60"): DriftMonitor(monitor.predictor, fresh[:100], fresh[:10], window=60)
+    with pytest.raises(ValueError, match="alert_rate"): DriftMonitor(monitor.predictor, fresh[:100], fresh[:100], window=60, alert_rate=1.5)
+    with pytest.raises(ValueError, match="two texts"): monitor.check(fresh[:1])
