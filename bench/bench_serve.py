@@ -58,10 +58,16 @@ def free_port() -> int:
 
 
 def request(conn, path, body=None):
-    conn.request("POST" if body is not None else "GET", path, body=None if body is None else json.dumps(body),
-                 headers={"Content-Type": "application/json"})
-    r = conn.getresponse()
-    return r.status, json.loads(r.read())
+    "`(status, JSON)`; a kept-alive connection the server has closed meanwhile (uvicorn closes idle ones after 5 s) is reopened once."
+    for attempt in (0, 1):
+        try:
+            conn.request("POST" if body is not None else "GET", path, body=None if body is None else json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            return r.status, json.loads(r.read())
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            if attempt: raise
+            conn.close()                                   # http.client reconnects on the next request
 
 
 def start_server(folder, max_batch, max_wait_ms, max_length):
