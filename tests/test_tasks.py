@@ -238,20 +238,40 @@ def test_a_new_metric_is_one_entry(make_classifier):
 
 # ---- the checkpoint registry ------------------------------------------------------------------------------------------
 
-def test_a_checkpoint_of_version_0_1_resumes_exactly(tmp_path):
+def _as_format_1(checkpoint:Path):
+    "Rewrite a checkpoint in the layout version 0.1.0 wrote: flat progress keys, labels, Python's and NumPy's random states in state.json, torch's in rng.pt, no model card."
+    st = checkpoint / "training_state"
+    state = json.loads((st / "state.json").read_text())
+    e = state["entries"]
+    rng = torch.load(st / e["rng"]["file"], weights_only=True)
+    old = dict(format=1, **e["progress"]["json"], hparams=e["hparams"]["json"], sampler=e["sampler"]["json"],
+               rng=dict(python=rng["python"], numpy=rng["numpy"]), labels=state["task"]["label2id"])
+    torch.save(dict(torch=rng["torch"], cuda=rng["cuda"]), st / "rng.pt")
+    (st / "state.json").write_text(json.dumps(old))
+    for name in ("metadata.json", "README.md"): (checkpoint / name).unlink()
+    return old
+
+
+def test_a_checkpoint_in_the_layout_of_version_0_1_resumes_exactly(tmp_path):
     sys.path.insert(0, str(FIXTURES))
-    from checkpoint_recipe import OUT, build, recipe_hparams
-    expected = json.loads((OUT / "expected.json").read_text())
-    shutil.copytree(OUT, tmp_path / "checkpoint")
-    model, data, tok = build(tmp_path / "tok")
-    learn = Learner(model, data, HParams(**recipe_hparams()), tokenizer=tok, progress=False, device="cpu", out_dir=tmp_path)
-    learn.fit(resume=tmp_path / "checkpoint")
-    assert learn.step == expected["steps"] and learn.samples_seen == expected["samples_seen"]
-    w = learn.model.classifier.weight.detach().double()
-    assert (w - torch.tensor(expected["classifier_weight"], dtype=torch.float64)).abs().max().item() <= 1e-6
-    assert learn.train_loss == pytest.approx(expected["train_loss"], abs=1e-6)
-    assert [h["valid_accuracy"] for h in learn.history] == [h["valid_accuracy"] for h in expected["history"]]
-    state = json.loads((tmp_path / "checkpoint" / "training_state" / "state.json").read_text())
+    from checkpoint_recipe import build, recipe_hparams
+    class StopAt(Callback):
+        def after_step(self):
+            if self.learn.step == 5: self.learn.stop()
+    def learner(**kw):
+        model, data, tok = build(tmp_path / "tok")
+        return Learner(model, data, HParams(**recipe_hparams()), tokenizer=tok, progress=False, device="cpu", **kw)
+    learner(out_dir=tmp_path / "cut", cbs=[StopAt()]).fit()
+    old = _as_format_1(tmp_path / "cut" / "checkpoint")
+    written_by_0_1 = json.loads((FIXTURES / "checkpoint_0_1" / "training_state" / "state.json").read_text())   # kept as 0.1.0 wrote it
+    assert set(old) == set(written_by_0_1) and set(old["rng"]) == set(written_by_0_1["rng"]) and old["step"] == 5
+    resumed = learner(out_dir=tmp_path / "resumed"); resumed.fit(resume=tmp_path / "cut" / "checkpoint")
+    whole = learner(); whole.fit()
+    assert resumed.step == whole.step and resumed.samples_seen == whole.samples_seen
+    assert torch.allclose(resumed.model.classifier.weight, whole.model.classifier.weight, atol=1e-6)
+    assert resumed.train_loss == pytest.approx(whole.train_loss, abs=1e-6)
+    assert [h["valid_accuracy"] for h in resumed.history] == [h["valid_accuracy"] for h in whole.history]
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "training_state" / "state.json").read_text())
     assert state["format"] == 2 and {"model", "progress", "hparams", "rng", "optimizer", "sampler"} <= set(state["entries"])
 
 
