@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import http.client
 import json
 import os
 import platform
@@ -22,11 +21,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import numpy as np
 
 SERVER = """
 import sys
@@ -57,61 +53,15 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
-def request(conn, path, body=None):
-    "`(status, JSON)`; a kept-alive connection the server has closed meanwhile (uvicorn closes idle ones after 5 s) is reopened once."
-    for attempt in (0, 1):
-        try:
-            conn.request("POST" if body is not None else "GET", path, body=None if body is None else json.dumps(body),
-                         headers={"Content-Type": "application/json"})
-            r = conn.getresponse()
-            return r.status, json.loads(r.read())
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            if attempt: raise
-            conn.close()                                   # http.client reconnects on the next request
-
-
 def start_server(folder, max_batch, max_wait_ms, max_length):
+    from bigmodel_nb.serve import ServeClient
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(folder), str(port), str(max_batch), str(max_wait_ms), str(max_length)],
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None: raise SystemExit(f"the server stopped: {proc.stderr.read()[-2000:]}")
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            if request(c, "/health")[0] == 200: c.close(); return proc, port
-        except OSError: pass
-        if time.monotonic() > deadline: proc.kill(); raise SystemExit("the server did not come up in 3 minutes")
-        time.sleep(0.2)
-
-
-def load(port, texts, clients, seconds):
-    "Closed-loop clients for `seconds` after a warm-up: (latencies in s, completed, wall seconds)."
-    stop, measuring = threading.Event(), threading.Event()
-    lat = [[] for _ in range(clients)]
-    def client(k):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        i = k
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            status, _ = request(conn, "/predict", {"text": texts[i % len(texts)]})
-            if status != 200: raise SystemExit(f"status {status}")
-            if measuring.is_set(): lat[k].append(time.perf_counter() - t0)
-            i += clients
-        conn.close()
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
-    for t in threads: t.start()
-    time.sleep(seconds / 4)
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    request(c, "/metrics")
-    measuring.set(); t0 = time.perf_counter()
-    before = request(c, "/metrics")[1]
-    time.sleep(seconds)
-    after = request(c, "/metrics")[1]
-    wall = time.perf_counter() - t0
-    measuring.clear(); stop.set()
-    for t in threads: t.join(timeout=120)
-    return [x for l in lat for x in l], wall, before, after
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(folder), str(port), str(max_batch), str(max_wait_ms), str(max_length)])
+    try: ServeClient(f"http://127.0.0.1:{port}").wait(timeout=180, process=proc)
+    except BaseException as e:
+        proc.kill()
+        raise SystemExit(str(e)) if isinstance(e, (RuntimeError, TimeoutError)) else e
+    return proc, port
 
 
 def main(argv=None) -> int:
@@ -119,6 +69,7 @@ def main(argv=None) -> int:
     ARGS = a = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from bigmodel_nb.assets import load_sample
+    from bigmodel_nb.serve import load_test
     folder = a.model
     if folder is None:
         from bigmodel_nb.models import load_classifier, quiet_transformers
@@ -130,19 +81,16 @@ def main(argv=None) -> int:
     for mode, max_batch in (("batched", a.max_batch), ("one at a time", 1)):
         proc, port = start_server(folder, max_batch, a.max_wait_ms if max_batch > 1 else 0.0, a.max_length)
         try:
-            for n in a.clients:
-                lat, wall, before, after = load(port, texts, n, a.seconds)
-                done = after["requests"] - before["requests"]
-                batches = after["batches"] - before["batches"]
-                x = len(lat) / wall                                  # client-side throughput
-                lat_ms = np.array(lat) * 1000
-                rows.append(dict(mode=mode, max_batch=max_batch, clients=n, requests_per_s=x, p50_ms=float(np.percentile(lat_ms, 50)),
-                                 p95_ms=float(np.percentile(lat_ms, 95)), p99_ms=float(np.percentile(lat_ms, 99)),
-                                 mean_batch=done / batches if batches else None, clients_N=n, x_times_r=x * float(np.mean(lat)),
-                                 server_L=after["little"]["L"], server_lam_W=after["little"]["lam_W"]))
+            table = load_test(f"http://127.0.0.1:{port}", texts, a.clients, a.seconds)
+            for n, r in table.iterrows():
+                if r.errors: raise SystemExit(f"{int(r.errors)} requests failed with {n} clients")
+                rows.append(dict(mode=mode, max_batch=max_batch, clients=int(n), requests_per_s=r.requests_per_s, p50_ms=r.p50_ms,
+                                 p95_ms=r.p95_ms, p99_ms=r.p99_ms, mean_batch=r.mean_batch, clients_N=int(n), x_times_r=r.X_times_R,
+                                 server_L=r.server_L, server_lam_W=r.server_lam_W))
                 r = rows[-1]
-                log(f"  {mode:<14} {n:3d} clients: {x:7.1f} req/s  p50 {r['p50_ms']:7.1f}  p95 {r['p95_ms']:7.1f}  p99 {r['p99_ms']:7.1f} ms  "
-                    f"batch {r['mean_batch'] or 0:5.1f}  N={n} vs X*R={r['x_times_r']:.2f}")
+                log(f"  {mode:<14} {n:3d} clients: {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f}  p95 {r['p95_ms']:7.1f}  "
+                    f"p99 {r['p99_ms']:7.1f} ms  batch {r['mean_batch'] or 0:5.1f}  N={n} vs X*R={r['x_times_r']:.2f}  L={r['server_L']:.2f} "
+                    f"vs lambda*W={r['server_lam_W']:.2f}")
         finally:
             proc.terminate(); proc.wait(timeout=60)
     print(f"{'mode':<14} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6} {'X*R':>6}")

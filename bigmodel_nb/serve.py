@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import ipaddress
 import json
 import queue
@@ -16,14 +17,16 @@ from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
+import pandas as pd
 
 from .predict import Predictor
 
 # %% auto #0
 __all__ = ['ServeError', 'MicroBatcher', 'parse_request', 'format_answer', 'require_serve', 'make_app', 'BackgroundServer',
-           'is_loopback', 'serve']
+           'is_loopback', 'serve', 'ServeClient', 'load_test']
 
 # %% ../nbs/11_serve.ipynb #b1000007
 class ServeError(ValueError):
@@ -306,3 +309,126 @@ def serve(
     if not is_loopback(host):
         warnings.warn(f"serving on {host}: anyone who can reach this machine on port {port} can call the model.", stacklevel=2)
     uvicorn.run(make_app(predictor, max_batch, max_wait_ms, metadata=metadata, monitor=monitor), host=host, port=port, log_level=log_level)
+
+# %% ../nbs/11_serve.ipynb #b1000041
+class ServeClient:
+    "A caller of a running server over one kept-alive HTTP connection (use one per thread): `predict`, `health`, `metadata`, `metrics`."
+    def __init__(self,
+        url:str="http://127.0.0.1:8000",    # where the server listens
+        timeout:float=60.0,                 # seconds to wait for an answer
+    ):
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"url={url!r}; pass http://HOST:PORT, e.g. http://127.0.0.1:8000 (the server speaks plain HTTP).")
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self._conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+
+    def request(self, path:str, body=None) -> tuple:
+        "`(status, decoded JSON)` of a GET (no `body`) or a POST of `body` (JSON-encoded unless it is bytes already)."
+        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+        for attempt in (0, 1):
+            try:
+                self._conn.request("GET" if data is None else "POST", path, body=data, headers={"Content-Type": "application/json"})
+                r = self._conn.getresponse()
+                raw = r.read()
+                try: return r.status, json.loads(raw) if raw else None
+                except ValueError: return r.status, raw.decode(errors="replace")
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self._conn.close()                          # closed by the server while idle: http.client reconnects
+                if attempt: raise
+            except ConnectionRefusedError:
+                self._conn.close()
+                raise ConnectionRefusedError(f"nothing listens at {self.url}: start the server first "
+                                             "(`bigmodel-nb serve --model DIR`), or check the host and port.") from None
+            except BaseException:
+                self._conn.close()                          # a timeout or an interrupt: the next request starts clean
+                raise
+
+    def _answer(self, path:str, body=None):
+        status, answer = self.request(path, body)
+        if status != 200:
+            raise ServeError(f"{self.url}{path} answered {status}: {answer.get('error', answer) if isinstance(answer, dict) else answer}", status)
+        return answer
+
+    def predict(self, texts:str|Sequence[str]):
+        "The answer for one text (a dict), or for a list of texts (a list of dicts, in order); a refused request raises `ServeError`."
+        if isinstance(texts, str): return self._answer("/predict", {"text": texts})
+        return self._answer("/predict", {"texts": list(texts)})["predictions"]
+
+    def health(self) -> bool:
+        "Whether the server answers and its batching worker runs (False while nothing listens yet)."
+        try: return self.request("/health")[0] == 200
+        except OSError: return False
+
+    def wait(self, timeout:float=120.0, process=None) -> ServeClient:
+        "Wait until `health()`; a `subprocess.Popen` given as `process` that exits meanwhile raises with its exit code."
+        deadline = time.monotonic() + timeout
+        while not self.health():
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the server process exited with code {process.returncode} before it answered at {self.url}.")
+            if time.monotonic() > deadline: raise TimeoutError(f"no healthy server at {self.url} after {timeout:.0f} s.")
+            time.sleep(0.2)
+        return self
+
+    def metadata(self) -> dict:
+        "`GET /metadata`: the model's task, labels, calibration and the server's settings."
+        return self._answer("/metadata")
+
+    def metrics(self) -> dict:
+        "`GET /metrics`: counts, latency percentiles, throughput, Little's law and (with a monitor) drift."
+        return self._answer("/metrics")
+
+    def close(self): self._conn.close()
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
+# %% ../nbs/11_serve.ipynb #b1000043
+def _interval_little(before:dict, after:dict) -> dict:
+    "Little's law over the time between two `/metrics` answers (the server's counters are cumulative)."
+    s0, s1 = before["seconds"], after["seconds"]
+    l0, l1 = before["little"], after["little"]
+    done = l1["lam"] * s1 - l0["lam"] * s0
+    area, waited = l1["L"] * s1 - l0["L"] * s0, l1["W"] * l1["lam"] * s1 - l0["W"] * l0["lam"] * s0
+    lam, w = done / (s1 - s0), waited / done if done else 0.0
+    return dict(L=area / (s1 - s0), lam=lam, W=w, lam_W=lam * w, batches=after["batches"] - before["batches"], completed=done)
+
+def load_test(
+    url:str,                            # a running server, e.g. http://127.0.0.1:8000
+    texts:Sequence[str],                # sent in turn, one per request
+    clients:Sequence[int]=(1, 2, 4, 8, 16, 32, 64),    # numbers of concurrent clients, one setting each
+    seconds:float=8.0,                  # measured seconds per setting
+    warmup:float|None=None,             # seconds before measuring; None: a quarter of `seconds`
+) -> pd.DataFrame:
+    "Closed-loop clients against a running server: per setting, requests/s, latency p50/p95/p99 (ms), mean batch, and Little's law on the server and for the clients."
+    texts = [t for t in texts]
+    if not texts or not all(isinstance(t, str) and t for t in texts): raise ValueError("texts: pass a list of non-empty strings to send.")
+    rows = []
+    for n in clients:
+        stop, measuring, errors = threading.Event(), threading.Event(), []
+        latencies = [[] for _ in range(n)]
+        def client(k):
+            with ServeClient(url) as c:
+                i = k
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    try: c.predict(texts[i % len(texts)])
+                    except (ServeError, OSError) as e: errors.append(e)
+                    else:
+                        if measuring.is_set(): latencies[k].append(time.perf_counter() - t0)
+                    i += n
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(n)]
+        for t in threads: t.start()
+        time.sleep(seconds / 4 if warmup is None else warmup)
+        with ServeClient(url) as watch:
+            measuring.set(); t0 = time.perf_counter(); before = watch.metrics()
+            time.sleep(seconds)
+            after = watch.metrics(); wall = time.perf_counter() - t0; measuring.clear()
+        stop.set()
+        for t in threads: t.join(timeout=120)
+        lat = np.array([x for l in latencies for x in l]) * 1000
+        if not len(lat): raise RuntimeError(f"no request succeeded with {n} clients: {errors[0] if errors else 'none finished in time'}")
+        x, little = len(lat) / wall, _interval_little(before, after)
+        rows.append(dict(clients=n, requests_per_s=x, p50_ms=np.percentile(lat, 50), p95_ms=np.percentile(lat, 95),
+                         p99_ms=np.percentile(lat, 99), mean_batch=little["completed"] / little["batches"] if little["batches"] else float("nan"),
+                         X_times_R=x * lat.mean() / 1000, server_L=little["L"], server_lam_W=little["lam_W"], errors=len(errors)))
+    return pd.DataFrame(rows).set_index("clients")

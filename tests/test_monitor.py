@@ -81,3 +81,13 @@ def test_monitor_arguments_are_checked(monitor_and_texts):
     with pytest.raises(ValueError, match="at least 60"): DriftMonitor(monitor.predictor, fresh[:100], fresh[:10], window=60)
     with pytest.raises(ValueError, match="alert_rate"): DriftMonitor(monitor.predictor, fresh[:100], fresh[:100], window=60, alert_rate=1.5)
     with pytest.raises(ValueError, match="two texts"): monitor.check(fresh[:1])
+
+
+def test_statistics_of_observed_rows_are_those_of_check(monitor_and_texts):
+    monitor, fresh, sms = monitor_and_texts
+    texts = fresh[:30] + sms[:30]
+    obs = monitor.observe(texts)
+    assert {k: len(v) for k, v in obs.items()} == dict(probs=60, confidence=60, length=60, embedding=60)
+    assert monitor.statistics(obs) == pytest.approx(monitor.check(texts)["statistics"], rel=1e-5, abs=1e-7)
+    picked = {k: v[30:] for k, v in obs.items()}                                   # a window drawn from rows seen before
+    assert monitor.statistics(picked) == pytest.approx(monitor.check(sms[:30])["statistics"], rel=1e-5, abs=1e-7)

@@ -18,8 +18,8 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 from bigmodel_nb.predict import Predictor  # noqa: E402
-from bigmodel_nb.serve import (BackgroundServer, MicroBatcher, ServeError, format_answer, is_loopback, make_app,  # noqa: E402
-                               parse_request, require_serve)
+from bigmodel_nb.serve import (BackgroundServer, MicroBatcher, ServeClient, ServeError, format_answer, is_loopback,  # noqa: E402
+                               load_test, make_app, parse_request, require_serve)
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
 
@@ -146,6 +146,39 @@ def test_a_failing_model_gets_a_500_and_the_next_request_is_served(trained):
         assert status == 500 and "the model broke" in answer["error"] and "goes on serving" in answer["error"]
         assert call(server.url + "/predict", {"text": "a film"})[0] == 200
         assert call(server.url + "/health")[0] == 200 and call(server.url + "/metrics")[1]["errors"] == 1
+
+
+def test_the_python_client_answers_like_the_predictor_and_raises_what_the_server_refuses(trained, reviews):
+    predictor = Predictor.from_pretrained(trained, device="cpu", max_length=32)
+    expected = predictor.predict(reviews[:5])
+    with BackgroundServer(make_app(predictor, max_wait_ms=0)) as server:
+        url = server.url
+        with ServeClient(url) as c:
+            assert c.wait(timeout=5) is c and c.health()
+            _same(c.predict(reviews[0]), expected[0])
+            for got, want in zip(c.predict(reviews[:5]), expected): _same(got, want)
+            with pytest.raises(ServeError, match="answered 422: .*empty") as e: c.predict([])
+            assert e.value.status == 422
+            assert c.metadata()["labels"] == ["negative", "positive"] and c.metrics()["requests"] == 2     # the refused one never reached the model
+    with ServeClient(url) as c:                                                        # the server has stopped
+        assert not c.health()
+        with pytest.raises(ConnectionRefusedError, match="bigmodel-nb serve"): c.predict("a film")
+        with pytest.raises(TimeoutError, match="no healthy server"): c.wait(timeout=0.5)
+    with pytest.raises(ValueError, match="http://HOST:PORT"): ServeClient("127.0.0.1:8000")
+
+
+def test_the_load_test_measures_each_setting_and_littles_law_holds(trained, reviews):
+    predictor = Predictor.from_pretrained(trained, device="cpu", max_length=32)
+    with BackgroundServer(make_app(predictor, max_batch=32, max_wait_ms=5)) as server:
+        table = load_test(server.url, reviews[:100], clients=(1, 16), seconds=1.5)
+        served = ServeClient(server.url).metrics()
+    shown = table.round(3).to_string()                                                # in every message: the whole measurement
+    assert list(table.index) == [1, 16] and (table.errors == 0).all() and served["errors"] == 0, shown
+    assert (table.p50_ms <= table.p95_ms).all() and (table.p95_ms <= table.p99_ms).all(), shown
+    assert table.loc[1, "mean_batch"] == pytest.approx(1.0) and table.loc[16, "mean_batch"] > 2, shown     # many clients share passes
+    assert ((table.X_times_R <= table.index * 1.1) & (table.X_times_R >= table.index * 0.5)).all(), shown  # N = X R, up to the edges
+    assert ((table.server_L - table.server_lam_W).abs() <= 0.2 * table.server_L + 0.1).all(), shown         # L = lambda W, likewise
+    with pytest.raises(ValueError, match="non-empty strings"): load_test(server.url, ["a", ""], clients=(1,))
 
 
 def test_a_regression_model_answers_a_number(tmp_path):
