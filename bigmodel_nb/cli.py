@@ -68,7 +68,7 @@ FINETUNE_DEFAULTS = dict(  # what `bigmodel-nb finetune` does with no arguments 
     data="movie_reviews", text_col="text", label_col="label", encoding="utf-8", drop_invalid=False, task="auto",
     sep=None, valid_pct=0.1, test_pct=0.1,
     model="minilm", new_head=False, epochs=2, lr=1e-4, batch_size=32, max_length=128, precision="auto", seed=42,
-    adapter=None, lora_r=8,
+    adapter=None, lora_r=8, class_weights=None,
 )
 
 def hparam_flags() -> dict:
@@ -417,6 +417,10 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
     data = load_data(s["data"], s["text_col"], s["label_col"], s["seed"], s["drop_invalid"], s["encoding"], task=s["task"],
                      sep=s["sep"], valid_pct=s["valid_pct"], test_pct=s["test_pct"])
     _say(f"task: {data.task.name} ({data.task_reason}" + ("; choose with --task)" if s["task"] == "auto" else ")"))
+    if s.get("class_weights"):
+        if data.task.name != "classification": raise UsageError(f"--class-weights weighs classes, and this is a {data.task.name} task.")
+        data.task.use_class_weights(s["class_weights"], data.df.label[data.df.split == "train"])
+        _say("class weights (counted on the training rows): " + ", ".join(f"{c} {float(w):.3g}" for c, w in zip(data.task.classes, data.task.weights)))
     adapter = _check_adapter_flags(args, s)
     set_seed(s["seed"])                                       # the new head's initial weights
     source = str(checkpoint) if checkpoint is not None and not adapter else s["model"]   # an adapter's checkpoint holds only what trains
@@ -647,22 +651,52 @@ def predict_texts(
         part = list(texts[s:s + chunk])
         for text, answer in zip(part, pred.predict(part)): yield dict(text=text, **_rounded(answer))
 
-def _cmd_predict(args) -> int:
+def _gather_texts(args, what:str="answer") -> list:
+    "The texts of a command's TEXT arguments or its --file, with blank ones refused (or, with --skip-blank, left out and counted)."
     if bool(args.texts) == bool(args.file):
         raise UsageError("give the texts as arguments or with --file F (one of the two).")
     named = [(f"argument {i}", t) for i, t in enumerate(args.texts, 1)] if args.texts else read_texts(args.file, args.text_col, args.encoding)
     blank = [where for where, t in named if not t.strip()]
     if blank and not args.skip_blank:
         raise UsageError(f"{len(blank):,} blank text{'s' if len(blank) > 1 else ''} ({', '.join(blank[:8])}{', ...' if len(blank) > 8 else ''}): "
-                         "a blank text has no answer. Remove them, or pass --skip-blank to leave them out (and have them counted).")
+                         f"a blank text has no {what}. Remove them, or pass --skip-blank to leave them out (and have them counted).")
     if blank: _say(f"skipped {len(blank):,} blank text{'s' if len(blank) > 1 else ''}: {', '.join(blank[:8])}{', ...' if len(blank) > 8 else ''}")
     texts = [t for _, t in named if t.strip()]
     if not texts: raise UsageError(f"--file {args.file} holds no text.")
+    return texts
+
+def _cmd_predict(args) -> int:
+    texts = _gather_texts(args)
     model, tok = load_model(args.model, trained=True, base=args.base)
     saved = (read_run(args.model) or {}).get("settings", {}) if Path(args.model).expanduser().is_dir() else {}
     max_length = _max_length(args.max_length or saved.get("max_length"), tok)
     for rec in predict_texts(model, tok, texts, args.batch_size, max_length, args.device):
         print(json.dumps(rec, ensure_ascii=False), file=args.stdout, flush=True)
+    return 0
+
+# %% ../nbs/12_cli.ipynb #a7e20002
+def _cmd_embed(args) -> int:
+    import numpy as np
+    from bigmodel_nb.predict import Predictor
+    texts = _gather_texts(args, what="meaning to embed")
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None:
+        if out.suffix != ".npy": raise UsageError(f"--out {args.out}: write embeddings to a .npy file (numpy.load reads it), e.g. --out vectors.npy.")
+        if out.exists() and not args.overwrite: raise UsageError(f"--out {out} exists; pass --overwrite to replace it, or choose another name.")
+        if not out.parent.is_dir(): raise UsageError(f"--out {out}: the folder {out.parent} does not exist; create it first.")
+    if _is_onnx(args.model):
+        raise UsageError(f"{args.model} is an ONNX export, which keeps only the logits; embed with the folder it was exported from.")
+    model, tok = load_model(args.model, base=args.base)
+    pred = Predictor(model, tok, device=get_device(args.device), batch_size=args.batch_size, max_length=_max_length(args.max_length, tok))
+    vectors = pred.embed(texts, pooling=args.pooling, normalize=args.normalize).numpy().astype(np.float32)
+    if out is None:
+        for text, v in zip(texts, vectors):
+            print(json.dumps(dict(text=text, embedding=[round(float(x), 6) for x in v]), ensure_ascii=False), file=args.stdout, flush=True)
+    else:
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
+        np.save(tmp, vectors); os.replace(tmp, out)
+        _say(f"wrote {len(vectors):,} embeddings of {vectors.shape[1]} numbers ({args.pooling} pooling"
+             f"{', unit length' if args.normalize else ''}) to {out}")
     return 0
 
 # %% ../nbs/12_cli.ipynb #a7e10002
@@ -801,7 +835,7 @@ class Corpus:
 # %% ../nbs/12_cli.ipynb #a7c30005
 def _text_assets() -> list:
     from bigmodel_nb.assets import ASSETS
-    return [n for n, a in ASSETS.items() if a.kind != "model"]
+    return [n for n, a in ASSETS.items() if a.kind in ("dataset", "corpus")]
 
 def _read_parquet(path:Path):
     import pandas as pd
@@ -838,6 +872,8 @@ def read_corpus(
         if ASSETS[source].kind == "model":
             raise UsageError(f"--data {source!r} is a model asset, not text: pass a text asset ({', '.join(_text_assets())}) or a file; "
                              f"to continue pretraining {source}, pass it as --model {source}.")
+        if source not in _text_assets():
+            raise UsageError(f"--data {source!r} is a {ASSETS[source].kind} asset, not text: pass a text asset ({', '.join(_text_assets())}) or a file.")
         df, where, labelled = load_sample(source), f"the asset {source!r}", ASSETS[source].kind == "dataset"
     elif path.exists(): raise UsageError(f"--data {source}: this is a folder; pass a .txt, .csv, .tsv, .jsonl or .parquet file, or a text asset.")
     else: raise UsageError(f"--data {source!r} is neither a file (looked in {Path.cwd()}) nor an asset; pass a .txt, .csv, .tsv, .jsonl or "
@@ -1092,6 +1128,14 @@ def hparam_group(cmd, defaults:dict, shown:dict|None=None):
         g.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{spec.doc} (default: {text})".replace("%", "%%"), **kind, **extra)
     return g
 
+def _text_flags(parser, verb:str, blank:str):
+    "The flags of a command that reads texts: TEXT arguments, or --file with --text-col and --encoding, and --skip-blank."
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help=f"texts to {verb}")
+    parser.add_argument("--file", metavar="F", help="read the texts from F: a .csv/.tsv/.jsonl file's text column, or one text per line ('-': stdin)")
+    parser.add_argument("--text-col", metavar="COL", default="text", help="the column with the texts in a .csv/.tsv/.jsonl --file (default: text)")
+    parser.add_argument("--encoding", metavar="ENC", default="utf-8", help="the encoding of --file (default: utf-8)")
+    parser.add_argument("--skip-blank", action="store_true", help=f"leave out blank texts {blank}")
+
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `bigmodel-nb` and its sub-commands."
     D = FINETUNE_DEFAULTS
@@ -1123,6 +1167,8 @@ def build_parser() -> argparse.ArgumentParser:
     from bigmodel_nb.tasks import TASKS
     g.add_argument("--task", choices=("auto", *TASKS), help="what the label column holds: classes, or a score to predict (regression); "
                    f"auto decides from the column and says why (default: {D['task']})")
+    g.add_argument("--class-weights", choices=("balanced",), help="weigh each class's loss by n / (K n_c), counted on the training rows, "
+                   "so that a rare class pulls as hard as a common one (default: no weights)")
     g = ft.add_argument_group("model")
     g.add_argument("--model", metavar="NAME|DIR", help=f"a model asset, a saved model folder or a Hugging Face Hub id (default: {D['model']})")
     g.add_argument("--new-head", action="store_true", default=None, help="replace a saved head trained for other labels or another task")
@@ -1195,16 +1241,27 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Answer for each text: one JSON object per line on stdout, with the label and every class's probability, "
                                     "or the predicted number of a regression model.")
     pr.add_argument("--model", metavar="DIR", required=True, help="a folder written by `bigmodel-nb finetune` (or any saved model with a trained head)")
-    pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
-    pr.add_argument("--file", metavar="F", help="read the texts from F: a .csv/.tsv/.jsonl file's text column, or one text per line ('-': stdin)")
-    pr.add_argument("--text-col", metavar="COL", default="text", help="the column with the texts in a .csv/.tsv/.jsonl --file (default: text)")
-    pr.add_argument("--encoding", metavar="ENC", default="utf-8", help="the encoding of --file (default: utf-8)")
-    pr.add_argument("--skip-blank", action="store_true", help="leave out blank texts (they are counted on stderr) instead of refusing them")
+    _text_flags(pr, "label", "(they are counted on stderr) instead of refusing them")
     pr.add_argument("--max-length", type=_positive(int), help="truncate texts to this many tokens (default: the run's, else the model's limit up to 512)")
     pr.add_argument("--batch-size", type=_positive(int), default=64, help="texts per forward pass (default: 64)")
     pr.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic)")
     pr.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
     pr.set_defaults(run=_cmd_predict, json=True)
+
+    em = sub.add_parser("embed", parents=[common], epilog=_EPILOG, help="turn texts into vectors (one JSON line per text, or a .npy file)",
+                        description="One vector per text from a model's encoder: the mean of its last hidden states over real tokens (or the "
+                                    "first token's), scaled to length 1 so that dot products are cosine similarities.")
+    em.add_argument("--model", metavar="NAME|DIR", required=True, help="a model asset (e.g. minilm) or a saved model folder; its head is not used")
+    _text_flags(em, "embed", "(counted on stderr; the rows follow the texts that remain)")
+    em.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="mean over real tokens (default), or the first token")
+    em.add_argument("--no-normalize", dest="normalize", action="store_false", help="keep the vectors' lengths (by default each is scaled to 1)")
+    em.add_argument("--out", metavar="F.npy", help="write a float32 array, one row per text, instead of JSON lines")
+    em.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    em.add_argument("--max-length", type=_positive(int), help="truncate texts to this many tokens (default: the model's limit up to 512)")
+    em.add_argument("--batch-size", type=_positive(int), default=64, help="texts per forward pass (default: 64)")
+    em.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic)")
+    em.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
+    em.set_defaults(run=_cmd_embed, json=True)
 
     ex = sub.add_parser("export", parents=[common], epilog=_EPILOG, help="write a saved model for deployment: plain, fp16, ONNX or int8 ONNX; --merge folds an adapter in",
                         description="Write a saved model (or, with --merge, an adapter folded into its base model) as a folder for deployment, "

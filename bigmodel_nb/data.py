@@ -553,7 +553,11 @@ class TextData:
         """From a named dataset of `bigmodel_nb.assets` (fetched once, then read from the cache).
         The registered datasets are known quantities, so rows that fail validation (e.g. the two repeated
         sentences of `movie_reviews`) are dropped by default, with a warning and every row in `data.report`."""
-        from bigmodel_nb.assets import load_sample
+        from bigmodel_nb.assets import ASSETS, get_asset, load_sample
+        kind = get_asset(name).kind
+        if kind not in ("dataset", "corpus"):
+            raise DataError(f"{name!r} is a {kind} asset, not text: read it with load_sample({name!r}). Text assets: "
+                            f"{', '.join(n for n, a in ASSETS.items() if a.kind in ('dataset', 'corpus'))}.")
         df = load_sample(name)
         source = DataSource(f"asset {name!r}", "row", f"rows are numbered from 1: row 1 is load_sample({name!r}).iloc[0]")
         return cls.from_df(df, source=source, on_invalid=on_invalid, **kwargs)

@@ -83,6 +83,7 @@ def run(self,
     collate:Callable,         # list of examples -> batch dict
     rank:int=0, world:int=1,  # this process and how many there are
     batch_size:int|None=None, # examples per batch; default: `self.batch_size` (never more than what fitted in memory)
+    fn:Callable|None=None,    # batch -> tensor with one row per example; default: the model's outputs, as the task keeps them
 ) -> torch.Tensor:
     "The outputs for every example of `items`, in their order, on the CPU."
     was_training = self.model.training
@@ -93,7 +94,7 @@ def run(self,
             sampler = SortedBatchSampler(lengths, bs)
             batches = list(sampler)
             try:
-                outs = [self._batch_outputs(collate([items[i] for i in idx])) for idx in batches[rank::world]]
+                outs = [(fn or self._batch_outputs)(collate([items[i] for i in idx])) for idx in batches[rank::world]]
                 break
             except torch.OutOfMemoryError:
                 outs = None
@@ -118,6 +119,7 @@ def encode(self, texts:Sequence[str]) -> list:
     "Token ids of each text, truncated at `max_length`, unpadded."
     if self.tokenizer is None: raise ValueError("this Predictor has no tokenizer: pass tokenizer=... to predict texts.")
     if isinstance(texts, str): texts = [texts]
+    if len(texts) == 0: return []
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad: raise TypeError(f"texts {bad[:5]} are not strings ({type(texts[bad[0]]).__name__}); pass a list of strings.")
     blank = [i for i, t in enumerate(texts) if not t.strip()]
@@ -140,6 +142,46 @@ def predict(self, texts:Sequence[str], batch_size:int|None=None) -> list:
     "One answer per text: `{'label', 'probs'}` for classes, `{'value'}` for a regression."
     if isinstance(texts, str): texts = [texts]
     return self.task.decode(self.outputs(texts, batch_size))
+
+# %% ../nbs/03c_predict.ipynb #e1b2c3d2
+@patch_to(Predictor)
+@torch.no_grad()
+def _batch_embeddings(self, batch:dict, pooling:str="mean") -> torch.Tensor:
+    dev = self.device
+    dtype = autocast_dtype(dev, self.precision)
+    inputs = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if k != "labels"}
+    try:
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = self.model(**inputs, output_hidden_states=True)
+    except TypeError as e:
+        raise TypeError(f"{type(self.model).__name__} gives no hidden states ({e}); embed with a transformers model "
+                        "(an ONNX export keeps only the logits: use the folder it was exported from).") from None
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        states = getattr(out, "hidden_states", None)
+        if not states: raise TypeError(f"{type(self.model).__name__} returned no hidden states; embed with a transformers model.")
+        hidden = states[-1]
+    hidden = hidden.float()
+    if pooling == "cls": return hidden[:, 0]
+    mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+@patch_to(Predictor)
+def embed(self,
+    texts:Sequence[str],
+    pooling:str="mean",            # 'mean' over real tokens (what sentence encoders such as MiniLM are trained for) or 'cls' (the first token)
+    normalize:bool=True,           # scale each vector to length 1, so dot products are cosine similarities
+    batch_size:int|None=None,      # texts per forward pass; default: the predictor's
+) -> torch.Tensor:
+    "One vector per text from the encoder's last hidden states, in the order of `texts`, on the CPU: shape (texts, hidden size)."
+    if pooling not in ("mean", "cls"): raise ValueError(f"pooling={pooling!r}; use 'mean' or 'cls'.")
+    ids = self.encode(texts)
+    if not ids: return torch.empty(0, 0)
+    items = [{"input_ids": x, "label": self.task.pad_target} for x in ids]
+    collate = Collator(self.tokenizer.pad_token_id, max_length=self.max_length, task=self.task)
+    emb = self.run(items, [len(x) for x in ids], collate, batch_size=batch_size,
+                   fn=lambda batch: self._batch_embeddings(batch, pooling))
+    return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
 
 # %% ../nbs/03c_predict.ipynb #67ad5989
 @patch_to(Predictor)

@@ -98,6 +98,14 @@ def label_maps(labels:Sequence, classes:Sequence|None=None) -> tuple[dict, dict]
 # %% ../nbs/03a_tasks.ipynb #4ff925ef
 IGNORE_INDEX = -100   # the class id of padding rows: `F.cross_entropy(..., ignore_index=-100)` skips them
 
+def _check_class_weights(class_weights):
+    if not (class_weights is None or class_weights == "balanced" or isinstance(class_weights, dict)):
+        raise ValueError(f"class_weights={class_weights!r}; pass 'balanced', a dict {{class: weight}}, or None.")
+    if isinstance(class_weights, dict) and not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 and math.isfinite(w)
+                                                   for w in class_weights.values()):
+        raise ValueError(f"class_weights={class_weights!r}: every weight must be a positive number.")
+    return class_weights
+
 class ClassificationTask(Task):
     "Labels are class names or ids; one output per class; cross-entropy."
     name, problem_type = "classification", "single_label_classification"
@@ -106,9 +114,12 @@ class ClassificationTask(Task):
     def __init__(self,
         classes:Sequence|None=None,  # the classes in id order; None: the labels present, sorted
         column:str="label",          # the name of the label column (for messages)
+        class_weights:str|dict|None=None,  # None, 'balanced' (n / (K n_c) from the fitted labels), or {class: weight}
     ):
         self.fixed, self.column = (list(classes) if classes is not None else None), str(column)
+        self.class_weights, self.weights = _check_class_weights(class_weights), None    # `weights`: one per class id, once known
         self.label2id, self.id2label = label_maps(self.fixed or [], self.fixed) if self.fixed else ({}, {})
+        if self.fixed and isinstance(class_weights, dict): self.use_class_weights(class_weights)
 
     @property
     def classes(self) -> list: return list(self.label2id)
@@ -120,6 +131,29 @@ class ClassificationTask(Task):
         names = self.fixed
         if names is not None and any(i.kind == "small_class" for i in dropped): names = [c for c in names if c in set(targets)]
         self.label2id, self.id2label = label_maps(targets, names)
+        if self.class_weights is not None: self.use_class_weights(self.class_weights, targets)
+        return self
+
+    def use_class_weights(self,
+        class_weights:str|dict|None,    # 'balanced', {class: weight} (classes left out weigh 1), or None to train without weights
+        targets:Sequence|None=None,     # the labels 'balanced' counts, e.g. the training split's (default: those fitted)
+    ) -> ClassificationTask:
+        "Weigh each class's cross-entropy (see above); returns the task. Call it after the classes are known."
+        self.class_weights = _check_class_weights(class_weights)
+        if class_weights is None: self.weights = None; return self
+        if not self.label2id: raise ValueError("the classes are not known yet: fit the task (or build the data) first.")
+        if class_weights == "balanced":
+            if targets is None: raise ValueError("class_weights='balanced' needs the labels to count: pass targets=... (e.g. the training split's).")
+            counts = {c: 0 for c in self.label2id}
+            for t in targets:
+                if t in counts: counts[t] += 1
+            n, k = sum(counts.values()), len(counts)
+            w = {c: n / (k * m) if m else 1.0 for c, m in counts.items()}
+        else:
+            unknown = [c for c in class_weights if c not in self.label2id]
+            if unknown: raise ValueError(f"class_weights names {unknown}, which are not among the classes {self.classes}.")
+            w = {c: float(class_weights.get(c, 1.0)) for c in self.label2id}
+        self.weights = torch.tensor([w[self.id2label[i]] for i in range(len(self.id2label))], dtype=torch.float32)
         return self
 
     def encode(self, targets:Sequence) -> np.ndarray:
@@ -131,8 +165,9 @@ class ClassificationTask(Task):
     def strata(self, encoded:np.ndarray) -> np.ndarray: return np.asarray(encoded)
 
     def loss(self, outputs:torch.Tensor, targets:torch.Tensor) -> tuple:
-        "Summed cross-entropy of the rows whose target is not `IGNORE_INDEX`, and their count."
-        total = F.cross_entropy(outputs.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        "Summed cross-entropy (class-weighted if the task has weights) of the rows whose target is not `IGNORE_INDEX`, and their count."
+        w = None if self.weights is None else self.weights.to(outputs.device)
+        total = F.cross_entropy(outputs.float(), targets, weight=w, ignore_index=IGNORE_INDEX, reduction="sum")
         return total, (targets != IGNORE_INDEX).sum()
 
     def decode(self, outputs:torch.Tensor) -> list:
@@ -163,7 +198,9 @@ class ClassificationTask(Task):
         for t in targets: counts[t] = counts.get(t, 0) + 1
         return f"classes ({self.num_labels}): " + ", ".join(f"{c} {n:,}" for c, n in counts.items())
 
-    def __repr__(self): return f"ClassificationTask(classes={self.classes if self.label2id else self.fixed})"
+    def __repr__(self):
+        w = "" if self.weights is None else ", class_weights={" + ", ".join(f"{c!r}: {float(x):.3g}" for c, x in zip(self.classes, self.weights)) + "}"
+        return f"ClassificationTask(classes={self.classes if self.label2id else self.fixed}{w})"
 
 # %% ../nbs/03a_tasks.ipynb #1f5a1082
 def _issue(kind, column, pos, where, detail, fix, droppable=True) -> Issue:

@@ -64,6 +64,19 @@ def test_scored_collections_label_by_the_sign_of_the_readers_score(shared_cache,
     assert sign.eq(df.label).all() and df.text.str.strip().ne("").all() and not df.text.str.contains("\r").any()
 
 
+def test_movielens_ratings_come_with_each_films_title_and_genres(shared_cache):
+    df = load_sample("movielens_100k")
+    assert list(df.columns) == ["user_id", "item_id", "rating", "timestamp", "title", "year", "genres"]
+    assert len(df) == 100_000 and df.user_id.nunique() == 943 and df.item_id.nunique() == 1_682
+    assert set(df.rating) == {1, 2, 3, 4, 5} and not df.duplicated(["user_id", "item_id"]).any()
+    days = pd.to_datetime(df.timestamp, unit="s")
+    assert str(days.min().date()) == "1997-09-20" and str(days.max().date()) == "1998-04-22"
+    assert df.title.str.strip().ne("").all() and (df.groupby("user_id").size() >= 20).all()   # every user rated 20 films or more
+    with pytest.raises(Exception, match="interactions"):
+        from bigmodel_nb.data import TextData
+        TextData.from_asset("movielens_100k")
+
+
 def test_trec_duplicates_are_removed_and_counted(shared_cache):
     df = load_sample("trec_questions")
     assert df.attrs["duplicates_removed"] == 15_452 - 5_382

@@ -228,3 +228,25 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_bert_dir, re
     assert "--epochs 3" in run["command"] and run["resumed"][0]["command"].endswith("--json")
     history = (out / "history.csv").read_text().splitlines()
     assert [l.split(",")[0] for l in history[1:]] == ["1", "2", "3"]
+
+
+def test_class_weights_are_counted_on_the_training_rows_and_kept_in_the_run(tiny_bert_dir, tmp_path, capsys):
+    from bigmodel_nb.assets import load_sample
+    sms = load_sample("sms_spam").groupby("label").head(60)                       # 60 spam, 60 ham ...
+    sms = sms[(sms.label == "ham") | (sms.index.isin(sms[sms.label == "spam"].index[:20]))]   # ... then 20 spam: 1 in 4
+    path = tmp_path / "sms.csv"
+    sms.to_csv(path, index=False)
+    code, out, err = run_main(capsys, "finetune", "--data", path, "--model", tiny_bert_dir, *TRAIN, "--class-weights", "balanced",
+                              "--out", tmp_path / "run")
+    assert code == 0, err[-2000:]
+    data = cli.load_data(str(path))
+    train = data.df.label[data.df.split == "train"]
+    n, counts = len(train), train.value_counts()
+    line = next(l for l in err.splitlines() if l.startswith("class weights"))
+    shown = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", "))
+    assert {c: float(w) for c, w in shown.items()} == pytest.approx({c: n / (2 * m) for c, m in counts.items()}, rel=1e-2)
+    assert float(shown["spam"]) > 1 > float(shown["ham"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["class_weights"] == "balanced"
+    code, _, err = run_main(capsys, "finetune", "--data", "movie_reviews", "--label-col", "score", "--task", "regression",
+                            "--model", tiny_bert_dir, *TRAIN, "--class-weights", "balanced", "--out", tmp_path / "reg")
+    assert code == 2 and "--class-weights weighs classes" in err
