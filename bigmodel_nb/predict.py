@@ -64,11 +64,16 @@ def model_outputs(out) -> torch.Tensor:
 @torch.no_grad()
 def forward(self, batch:dict) -> torch.Tensor:
     "The model's outputs for one collated batch (its `labels`, if any, are left out), in float32 on the model's device."
+    return model_outputs(self._call(batch)[0]).float()
+
+@patch_to(Predictor)
+def _call(self, batch:dict, **kwargs) -> tuple:
+    "`(the model's raw output, the inputs it got)`: the batch on the model's device, without `labels`, run in autocast."
     dev = self.device
     dtype = autocast_dtype(dev, self.precision)
     inputs = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if k != "labels"}
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-        return model_outputs(self.model(**inputs)).float()
+        return self.model(**inputs, **kwargs), inputs
 
 @patch_to(Predictor)
 def _batch_outputs(self, batch:dict) -> torch.Tensor:
@@ -147,12 +152,7 @@ def predict(self, texts:Sequence[str], batch_size:int|None=None) -> list:
 @patch_to(Predictor)
 @torch.no_grad()
 def _batch_embeddings(self, batch:dict, pooling:str="mean") -> torch.Tensor:
-    dev = self.device
-    dtype = autocast_dtype(dev, self.precision)
-    inputs = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if k != "labels"}
-    try:
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = self.model(**inputs, output_hidden_states=True)
+    try: out, inputs = self._call(batch, output_hidden_states=True)
     except TypeError as e:
         raise TypeError(f"{type(self.model).__name__} gives no hidden states ({e}); embed with a transformers model "
                         "(an ONNX export keeps only the logits: use the folder it was exported from).") from None

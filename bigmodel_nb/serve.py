@@ -400,7 +400,7 @@ def load_test(
     warmup:float|None=None,             # seconds before measuring; None: a quarter of `seconds`
 ) -> pd.DataFrame:
     "Closed-loop clients against a running server: per setting, requests/s, latency p50/p95/p99 (ms), mean batch, and Little's law on the server and for the clients."
-    texts = [t for t in texts]
+    texts = list(texts)
     if not texts or not all(isinstance(t, str) and t for t in texts): raise ValueError("texts: pass a list of non-empty strings to send.")
     rows = []
     for n in clients:
