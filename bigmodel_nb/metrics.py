@@ -19,12 +19,13 @@ import torch
 from .core import patch_to, warn
 
 # %% auto #0
-__all__ = ['Threshold', 'METRICS', 'REPORTS', 'MetricsError', 'class_ids', 'check_predictions', 'confusion_matrix',
+__all__ = ['Threshold', 'Coverage', 'METRICS', 'REPORTS', 'MetricsError', 'class_ids', 'check_predictions', 'confusion_matrix',
            'per_class_metrics', 'averages', 'per_class_fbeta', 'example_losses', 'log_loss', 'calibration_bins',
-           'expected_calibration_error', 'pr_curve', 'best_threshold', 'at_threshold', 'mse', 'rmse', 'mae', 'r2',
-           'pearson', 'average_ranks', 'spearman', 'Metric', 'register_metric', 'metrics_for', 'score',
-           'metric_direction', 'is_better', 'accuracy', 'f1_macro', 'f1_weighted', 'f2_macro', 'Report', 'EvalReport',
-           'length_groups', 'plot_history', 'RegressionReport', 'make_report', 'compare']
+           'expected_calibration_error', 'pr_curve', 'best_threshold', 'at_threshold', 'coverage_curve',
+           'confidence_threshold', 'at_confidence', 'mse', 'rmse', 'mae', 'r2', 'pearson', 'average_ranks', 'spearman',
+           'Metric', 'register_metric', 'metrics_for', 'score', 'metric_direction', 'is_better', 'accuracy', 'f1_macro',
+           'f1_weighted', 'f2_macro', 'Report', 'EvalReport', 'length_groups', 'plot_history', 'RegressionReport',
+           'make_report', 'compare']
 
 # %% ../nbs/06_metrics.ipynb #2b4400c2
 class MetricsError(ValueError):
@@ -223,6 +224,52 @@ def at_threshold(y_true:Sequence[int], scores:Sequence[float], threshold:float, 
     y, called = np.asarray(y_true) == pos_label, np.asarray(scores, dtype=np.float64) >= threshold
     tp = float((y & called).sum())
     return Threshold(float(threshold), float(_ratio(tp, called.sum())), float(_ratio(tp, y.sum())), float(_ratio(2 * tp, called.sum() + y.sum())))
+
+# %% ../nbs/06_metrics.ipynb #5e1ec002
+Coverage = namedtuple("Coverage", "threshold coverage accuracy answered")
+Coverage.__doc__ = "A confidence threshold, the share of examples it answers (top probability >= threshold), their accuracy and count."
+
+def _confidences(y_true, probs) -> tuple:
+    p = probs.detach().cpu().double().numpy() if torch.is_tensor(probs) else np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y_true).reshape(-1)
+    if p.ndim != 2: raise MetricsError(f"probs has shape {p.shape}; pass one row of class probabilities per example.")
+    if len(y) != len(p): raise MetricsError(f"mismatched lengths: {len(y):,} labels but {len(p):,} rows of probabilities.")
+    if len(y) == 0: raise MetricsError("there are no examples: coverage and accuracy need at least one.")
+    return p.max(1), p.argmax(1) == y.astype(np.int64)
+
+def coverage_curve(
+    y_true:Sequence[int],   # class ids
+    probs,                  # n x K class probabilities (calibrated ones, for thresholds that mean what they say)
+) -> pd.DataFrame:
+    "Coverage, accuracy and count of 'answer when the top probability >= threshold' at every distinct confidence, highest first."
+    conf, right = _confidences(y_true, probs)
+    order = np.argsort(-conf, kind="stable")
+    conf, right = conf[order], right[order]
+    last = np.r_[np.flatnonzero(np.diff(conf)), len(conf) - 1]   # the last position of each run of equal confidences
+    answered = last + 1
+    return pd.DataFrame({"threshold": conf[last], "coverage": answered / len(conf),
+                         "accuracy": np.cumsum(right)[last] / answered, "answered": answered})
+
+def confidence_threshold(
+    y_true:Sequence[int],
+    probs,
+    target_accuracy:float,  # the accuracy wanted on the examples answered, e.g. 0.95
+) -> Coverage:
+    "The lowest confidence threshold, so the most coverage, at which the answered examples reach `target_accuracy`."
+    if not 0 < target_accuracy <= 1: raise MetricsError(f"target_accuracy={target_accuracy!r}; pass a share between 0 and 1, e.g. 0.95.")
+    c = coverage_curve(y_true, probs)
+    ok = np.flatnonzero(c.accuracy.to_numpy() >= target_accuracy)
+    if not len(ok):
+        raise MetricsError(f"no threshold reaches accuracy {target_accuracy}: even the single most confident group is "
+                           f"{c.accuracy.iloc[0]:.4f} right (threshold {c.threshold.iloc[0]:.4f}). Lower the target, or improve the model.")
+    i = int(ok[-1])
+    return Coverage(float(c.threshold.iloc[i]), float(c.coverage.iloc[i]), float(c.accuracy.iloc[i]), int(c.answered.iloc[i]))
+
+def at_confidence(y_true:Sequence[int], probs, threshold:float) -> Coverage:
+    "Coverage, accuracy and count of the examples whose top probability is >= `threshold` (accuracy NaN when none is)."
+    conf, right = _confidences(y_true, probs)
+    kept = conf >= threshold
+    return Coverage(float(threshold), float(kept.mean()), float(right[kept].mean()) if kept.any() else float("nan"), int(kept.sum()))
 
 # %% ../nbs/06_metrics.ipynb #84eec013
 def _pairs(y_true, y_pred) -> tuple:
@@ -528,6 +575,22 @@ def _report_at_threshold(self, threshold:float, pos_label=None) -> Threshold:
     "Precision, recall and F1 of the positive class when it is predicted at probability >= `threshold`."
     p = _pos_id(self, pos_label)
     return at_threshold(self.y_true, self.probs[:, p], threshold, p)
+
+# %% ../nbs/06_metrics.ipynb #5e1ec006
+@patch_to(EvalReport, name="coverage_curve")
+def _report_coverage_curve(self) -> pd.DataFrame:
+    "Coverage and accuracy of answering only above each confidence threshold (see `coverage_curve`)."
+    return coverage_curve(self.y_true, self.probs)
+
+@patch_to(EvalReport, name="confidence_threshold")
+def _report_confidence_threshold(self, target_accuracy:float) -> Coverage:
+    "The lowest confidence threshold at which the answered examples reach `target_accuracy` (see `confidence_threshold`)."
+    return confidence_threshold(self.y_true, self.probs, target_accuracy)
+
+@patch_to(EvalReport, name="at_confidence")
+def _report_at_confidence(self, threshold:float) -> Coverage:
+    "Coverage and accuracy when only examples whose top probability is >= `threshold` are answered."
+    return at_confidence(self.y_true, self.probs, threshold)
 
 # %% ../nbs/06_metrics.ipynb #ac9003f7
 def length_groups(

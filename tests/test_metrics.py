@@ -15,8 +15,8 @@ from transformers import AutoModelForSequenceClassification
 from bigmodel_nb.evaluation import (RunScores, TfidfClassifier, cross_validate, evaluate, multi_seed, stratified_folds,
                                     tfidf_baseline)
 from bigmodel_nb.learner import HParams, Learner
-from bigmodel_nb.metrics import (EvalReport, MetricsError, best_threshold, compare, expected_calibration_error, plot_history,
-                                 pr_curve)
+from bigmodel_nb.metrics import (EvalReport, MetricsError, at_confidence, best_threshold, compare, confidence_threshold,
+                                 coverage_curve, expected_calibration_error, plot_history, pr_curve)
 
 
 def dirichlet_case(n=400, k=4, seed=0, drop_class=3):
@@ -115,6 +115,30 @@ def test_pr_curve_and_best_threshold_brute_force(real_case):
         assert got.precision >= target and got.recall == pytest.approx(max(c[2] for c in ok))
     with pytest.raises(MetricsError, match="no threshold reaches precision 1.01"):
         best_threshold(y, s, target_precision=1.01)
+
+
+@pytest.mark.parametrize("which", ["dirichlet", "real"])
+def test_coverage_curve_and_confidence_threshold_brute_force(which, real_case):
+    y, probs, labels = dirichlet_case() if which == "dirichlet" else real_case
+    probs = probs.round(3) / probs.round(3).sum(1, keepdims=True)      # ties in the confidences
+    conf, right = probs.max(1), probs.argmax(1) == y
+    curve = coverage_curve(y, probs)
+    assert list(curve.threshold) == sorted(np.unique(conf), reverse=True)
+    for t, cov, acc, n in curve.itertuples(index=False):
+        kept = conf >= t
+        assert n == kept.sum() and cov == pytest.approx(kept.mean()) and acc == pytest.approx(right[kept].mean())
+    for target in (0.7, 0.8, 0.9):
+        ok = [t for t in np.unique(conf) if right[conf >= t].mean() >= target]
+        got = EvalReport(y, probs, labels).confidence_threshold(target)
+        assert got.threshold == pytest.approx(min(ok)) and got.accuracy >= target
+        assert at_confidence(y, probs, got.threshold) == got
+    assert np.isnan(at_confidence(y, probs, 1.1).accuracy) and at_confidence(y, probs, 1.1).answered == 0
+    with pytest.raises(MetricsError, match="no threshold reaches accuracy"):
+        confidence_threshold((probs.argmax(1) + 1) % probs.shape[1], probs, 0.5)
+    with pytest.raises(MetricsError, match="target_accuracy=95"):
+        confidence_threshold(y, probs, 95)
+    with pytest.raises(MetricsError, match="mismatched lengths"):
+        coverage_curve(y[:-1], probs)
 
 
 def test_threshold_needs_two_classes():
