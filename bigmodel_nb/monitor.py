@@ -14,7 +14,7 @@ from .predict import Predictor
 
 # %% auto #0
 __all__ = ['STATISTICS', 'shares', 'quantile_edges', 'psi', 'ks_distance', 'median_width', 'mmd2', 'embed_texts', 'DriftMonitor',
-           'ks_p_value']
+           'ks_p_value', 'wilson_interval', 'adjusted_share', 'ShareMonitor']
 
 # %% ../nbs/11a_monitor.ipynb #d1100007
 def shares(values, edges:np.ndarray) -> np.ndarray:
@@ -154,3 +154,64 @@ def ks_p_value(a, b) -> float:
     "The two-sample Kolmogorov–Smirnov p-value of `ks_distance(a, b)` under 'the same distribution' (scipy's computation)."
     from scipy.stats import ks_2samp
     return float(ks_2samp(a, b).pvalue)
+
+# %% ../nbs/11a_monitor.ipynb #d1100041
+def wilson_interval(
+    k:int,                      # successes (e.g. messages flagged)
+    n:int,                      # trials (messages in the window)
+    confidence:float=0.95,      # two-sided coverage
+) -> tuple:
+    "The Wilson score interval for a binomial share k/n: (low, high), always inside [0, 1]."
+    if n <= 0 or not 0 <= k <= n: raise ValueError(f"k={k!r}, n={n!r}; pass counts with 0 <= k <= n and n >= 1.")
+    from scipy.stats import norm
+    z, q = float(norm.ppf(0.5 + confidence / 2)), k / n
+    centre, half = q + z * z / (2 * n), z * np.sqrt(q * (1 - q) / n + z * z / (4 * n * n))
+    low, high = (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    return (0.0 if k == 0 else max(0.0, low), 1.0 if k == n else min(1.0, high))    # exact ends where rounding would miss them
+
+def adjusted_share(
+    flagged_share:float,        # the share of a window the model put in the class
+    tpr:float,                  # P(flagged | in the class), from labelled data of the same traffic
+    fpr:float,                  # P(flagged | not in the class)
+) -> float:
+    "The class's share corrected for the model's error rates: (q - fpr) / (tpr - fpr), clipped to [0, 1]."
+    if not tpr > fpr: raise ValueError(f"tpr={tpr:.3f} is not above fpr={fpr:.3f}: the model does not separate the class, and its count cannot be corrected.")
+    return float(np.clip((flagged_share - fpr) / (tpr - fpr), 0.0, 1.0))
+
+class ShareMonitor:
+    "The share of one class in windows of predictions: counted, adjusted for the model's errors, with an interval and an alert."
+    def __init__(self,
+        y_true:Sequence,                    # the true labels of a labelled sample from the monitored traffic
+        y_pred:Sequence,                    # the model's labels for the same sample
+        positive,                           # the class whose share is tracked, e.g. 'negative'
+        reference_share:float|None=None,    # the share alerts compare with; None: the labelled sample's
+        alpha:float=0.01,                   # the chance that a window of unchanged traffic alerts
+        confidence:float=0.95,              # of the intervals
+    ):
+        t, p = np.asarray(y_true) == positive, np.asarray(y_pred) == positive
+        if len(t) != len(p): raise ValueError(f"mismatched lengths: {len(t):,} true labels but {len(p):,} predictions.")
+        if t.all() or not t.any():
+            raise ValueError(f"the labelled sample has {int(t.sum())} of {len(t)} rows labelled {positive!r}; "
+                             "both members and non-members are needed to measure the model's error rates.")
+        self.positive, self.alpha, self.confidence, self.n_labelled = positive, float(alpha), float(confidence), len(t)
+        self.tpr, self.fpr = float(p[t].mean()), float(p[~t].mean())
+        if not self.tpr > self.fpr: raise ValueError(f"on the labelled sample tpr={self.tpr:.3f} is not above fpr={self.fpr:.3f}: "
+                                                     f"the model does not separate {positive!r}, so its count cannot be corrected.")
+        self.reference_share = float(t.mean()) if reference_share is None else float(reference_share)
+
+    def window(self, predictions:Sequence) -> dict:
+        "For one window of predicted labels: size, flagged share, adjusted share, its interval, the z of the alert test and the alert."
+        from scipy.stats import norm
+        flagged = np.asarray(predictions) == self.positive
+        n, k = len(flagged), int(flagged.sum())
+        if n == 0: raise ValueError("the window is empty; pass the predicted labels of at least one message.")
+        gap = self.tpr - self.fpr
+        low, high = (float(np.clip((b - self.fpr) / gap, 0, 1)) for b in wilson_interval(k, n, self.confidence))
+        q0 = float(np.clip(self.fpr + gap * self.reference_share, 1e-9, 1 - 1e-9))
+        z = (k / n - q0) / np.sqrt(q0 * (1 - q0) / n)
+        return dict(n=n, flagged_share=k / n, share=adjusted_share(k / n, self.tpr, self.fpr), low=low, high=high,
+                    z=float(z), alert=bool(z > norm.ppf(1 - self.alpha)))
+
+    def __repr__(self):
+        return (f"ShareMonitor({self.positive!r}: tpr {self.tpr:.3f}, fpr {self.fpr:.3f} on {self.n_labelled:,} labelled rows; "
+                f"reference share {self.reference_share:.3f}, alpha {self.alpha})")

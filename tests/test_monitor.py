@@ -5,7 +5,8 @@ import pytest
 import scipy.stats
 import torch
 
-from bigmodel_nb.monitor import DriftMonitor, STATISTICS, ks_distance, median_width, mmd2, psi, quantile_edges, shares
+from bigmodel_nb.monitor import (DriftMonitor, STATISTICS, ShareMonitor, adjusted_share, ks_distance, median_width, mmd2, psi,
+                                 quantile_edges, shares, wilson_interval)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -91,3 +92,43 @@ def test_statistics_of_observed_rows_are_those_of_check(monitor_and_texts):
     assert monitor.statistics(obs) == pytest.approx(monitor.check(texts)["statistics"], rel=1e-5, abs=1e-7)
     picked = {k: v[30:] for k, v in obs.items()}                                   # a window drawn from rows seen before
     assert monitor.statistics(picked) == pytest.approx(monitor.check(sms[:30])["statistics"], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("k,n", [(0, 1), (0, 30), (1, 30), (29, 30), (30, 30), (137, 400)])
+def test_wilson_interval_equals_scipy_and_stays_inside_0_1(k, n):
+    for conf in (0.9, 0.95, 0.99):
+        ci = scipy.stats.binomtest(k, n).proportion_ci(conf, method="wilson")
+        lo, hi = wilson_interval(k, n, conf)
+        assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=1e-12) and 0 <= lo <= k / n <= hi <= 1
+    with pytest.raises(ValueError, match="0 <= k <= n"): wilson_interval(5, 4)
+
+
+def _classifier(rng, share, n, tpr, fpr):
+    y = rng.random(n) < share
+    return np.where(y, "neg", "pos"), np.where(np.where(y, rng.random(n) < tpr, rng.random(n) < fpr), "neg", "pos")
+
+
+@pytest.mark.parametrize("tpr,fpr", [(0.9, 0.05), (0.6, 0.3), (0.95, 0.5)])
+def test_adjusted_share_removes_the_counting_bias_and_the_alert_keeps_its_rate(tpr, fpr):
+    rng = np.random.default_rng(0)
+    y, pred = _classifier(rng, 0.25, 50_000, tpr, fpr)
+    sm = ShareMonitor(y, pred, "neg", reference_share=0.25, alpha=0.02)
+    assert sm.tpr == pytest.approx(tpr, abs=0.01) and sm.fpr == pytest.approx(fpr, abs=0.01)
+    quiet = [sm.window(_classifier(rng, 0.25, 400, tpr, fpr)[1]) for _ in range(1500)]
+    # the rates carry the labelled sample's noise, amplified by 1 / (tpr - fpr): about 0.007 at tpr 0.6, fpr 0.3
+    assert np.mean([w["share"] for w in quiet]) == pytest.approx(0.25, abs=0.025)
+    assert abs(np.mean([w["flagged_share"] for w in quiet]) - 0.25) > 0.02 or fpr < 0.1   # counting is biased by the error rates
+    assert 0.92 <= np.mean([w["low"] <= 0.25 <= w["high"] for w in quiet]) <= 0.975
+    assert 0.005 <= np.mean([w["alert"] for w in quiet]) <= 0.04
+    loud = [sm.window(_classifier(rng, 0.6, 400, tpr, fpr)[1]) for _ in range(200)]    # 25% -> 60%: caught
+    assert np.mean([w["alert"] for w in loud]) > 0.9
+
+
+def test_share_monitor_refuses_what_it_cannot_measure():
+    with pytest.raises(ValueError, match="both members and non-members"): ShareMonitor(["neg"] * 5, ["neg"] * 5, "neg")
+    with pytest.raises(ValueError, match="does not separate"): ShareMonitor(["neg", "pos", "pos"], ["pos", "neg", "neg"], "neg")
+    with pytest.raises(ValueError, match="mismatched lengths"): ShareMonitor(["neg", "pos"], ["neg"], "neg")
+    sm = ShareMonitor(["neg", "pos", "pos", "neg"], ["neg", "pos", "pos", "pos"], "neg")
+    with pytest.raises(ValueError, match="empty"): sm.window([])
+    with pytest.raises(ValueError, match="not above fpr"): adjusted_share(0.3, 0.2, 0.2)
+    assert adjusted_share(0.0, 0.8, 0.1) == 0.0 and adjusted_share(1.0, 0.8, 0.1) == 1.0        # clipped to [0, 1]
