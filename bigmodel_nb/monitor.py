@@ -5,6 +5,7 @@
 # %% ../nbs/11a_monitor.ipynb #d1100004
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -13,8 +14,9 @@ import torch
 from .predict import Predictor
 
 # %% auto #0
-__all__ = ['STATISTICS', 'shares', 'quantile_edges', 'psi', 'ks_distance', 'median_width', 'mmd2', 'embed_texts', 'DriftMonitor',
-           'ks_p_value', 'wilson_interval', 'adjusted_share', 'ShareMonitor']
+__all__ = ['STATISTICS', 'shares', 'quantile_edges', 'psi', 'ks_distance', 'median_width', 'mmd2', 'DomainDistance',
+           'proxy_a_distance', 'embed_texts', 'DriftMonitor', 'ks_p_value', 'wilson_interval', 'adjusted_share',
+           'ShareMonitor']
 
 # %% ../nbs/11a_monitor.ipynb #d1100007
 def shares(values, edges:np.ndarray) -> np.ndarray:
@@ -70,6 +72,58 @@ def mmd2(
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     m, n = len(x), len(y)
     return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean())
+
+# %% ../nbs/11a_monitor.ipynb #ff3bb6c6
+@dataclass
+class DomainDistance:
+    "The proxy A-distance between two samples, and the cross-validated error of the domain classifier it comes from."
+    distance:float              # d_A = 2 (1 - 2 error), clipped to [0, 2]
+    error:float                 # the share of held-out rows whose domain the classifier got wrong
+    fold_errors:tuple           # that share in each fold
+    rows:int                    # rows per domain (equal for both)
+
+    def __repr__(self):
+        return (f"DomainDistance(d_A={self.distance:.3f}, error={self.error:.3f} "
+                f"(folds {min(self.fold_errors):.3f}-{max(self.fold_errors):.3f}), {self.rows:,} rows per domain)")
+
+def _matrix(x, what:str) -> np.ndarray:
+    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    if x.ndim != 2: raise ValueError(f"{what} has shape {x.shape}; pass a (rows, features) matrix, one embedding per row.")
+    if not len(x) or not x.shape[1]: raise ValueError(f"{what} is empty (shape {x.shape}); pass at least one row of features.")
+    x = x.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(x).all(1))
+    if len(bad): raise ValueError(f"{what}: row {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} holds NaN or infinity; drop or fix it.")
+    return x
+
+def proxy_a_distance(
+    source,                     # (m, d) embeddings of the source domain (e.g. the training texts)
+    target,                     # (n, d) embeddings of the target domain (e.g. a window of traffic)
+    folds:int=5,                # cross-validation folds: every row is classified by a model that never saw it
+    seed:int=0,                 # the balancing draw and the folds depend on this
+    C:float=1.0,                # inverse strength of the logistic regression's L2 penalty
+    max_rows:int|None=None,     # at most this many rows per domain; None: as many as the smaller sample has
+) -> DomainDistance:
+    "The proxy A-distance 2(1 - 2ε) of Ben-David et al.: ε is the cross-validated error of a logistic regression telling the domains apart on a balanced sample."
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    x, y = _matrix(source, "source"), _matrix(target, "target")
+    if x.shape[1] != y.shape[1]: raise ValueError(f"source has {x.shape[1]} features per row and target {y.shape[1]}; embed both with one model.")
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2: raise ValueError(f"folds={folds!r}; pass a whole number of at least 2.")
+    n = min(len(x), len(y), max_rows or len(x))
+    if n < folds: raise ValueError(f"{n} rows per domain (source {len(x)}, target {len(y)}) for {folds} folds; "
+                                   f"pass at least {folds} rows of each, or fewer folds.")
+    rng = np.random.default_rng(seed)
+    x, y = x[np.sort(rng.choice(len(x), n, replace=False))], y[np.sort(rng.choice(len(y), n, replace=False))]
+    rows, domain = np.concatenate([x, y]), np.r_[np.zeros(n, int), np.ones(n, int)]
+    wrong, fold_errors = np.zeros(2 * n, bool), []
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(rows, domain):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000)).fit(rows[train], domain[train])
+        wrong[test] = clf.predict(rows[test]) != domain[test]
+        fold_errors.append(float(wrong[test].mean()))
+    error = float(wrong.mean())
+    return DomainDistance(float(np.clip(2 * (1 - 2 * error), 0.0, 2.0)), error, tuple(fold_errors), n)
 
 # %% ../nbs/11a_monitor.ipynb #d1100020
 STATISTICS = ("psi_class", "psi_confidence", "psi_length", "ks_confidence", "mmd2_embedding")

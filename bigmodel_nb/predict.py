@@ -183,6 +183,18 @@ def embed(self,
                    fn=lambda batch: self._batch_embeddings(batch, pooling))
     return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
 
+# %% ../nbs/03c_predict.ipynb #87a9befa
+@patch_to(Predictor)
+def explain(self,
+    texts:str|Sequence[str],      # a text, or a list of texts
+    method:str="ig",              # 'ig', 'grad_x_input', 'rollout' or 'captum_ig' (see `interpret.EXPLAINERS`)
+    target:int|str|None=None,     # the output to explain: an index, a label name, or None for the predicted class
+    **kwargs,                     # passed on to the method: steps, baseline, tolerance, output, ...
+):
+    "Token attributions: an `interpret.Attribution` for a text, a list of them for a list of texts."
+    from bigmodel_nb.interpret import explain
+    return explain(self, texts, method=method, target=target, **kwargs)
+
 # %% ../nbs/03c_predict.ipynb #67ad5989
 @patch_to(Predictor)
 @classmethod

@@ -107,6 +107,30 @@ def test_shakespeare_corpus(shared_cache):
     assert 880_000 < df.text.str.split().str.len().sum() < 930_000
 
 
+def test_wordnet_lexicon(shared_cache):
+    df = load_sample("wordnet")
+    a = assets.get_asset("wordnet")
+    assert a.kind == "lexicon" and list(df.columns) == ["lemma", "pos", "synset", "gloss"]
+    assert len(df) == a.rows == 206_978 and df.synset.nunique() == 117_659 and not df.duplicated(["lemma", "synset"]).any()
+    folded = df.assign(word=df.lemma.str.lower())
+    assert len(folded.drop_duplicates(["word", "synset"])) == 206_941                   # WordNet 3.0's word-sense pairs
+    assert set(df.pos) == {"noun", "verb", "adjective", "adverb"} and not df.lemma.str.contains(r"[()\s]").any()
+    car = df[df.synset == "02958343-n"]
+    assert car.lemma.tolist() == ["car", "auto", "automobile", "machine", "motorcar"]
+    assert car.gloss.iloc[0].startswith("a motor vehicle with four wheels") and car.pos.iloc[0] == "noun"
+    assert "galore" in set(df[df.pos == "adjective"].lemma)                              # written 'galore(ip)' in data.adj
+    # a synset's id is the byte offset of its line in its data file; data.noun is the two halves with the newline put back
+    folder = fetch("wordnet")
+    files = {"n": (folder / "data.noun1").read_bytes() + b"\n" + (folder / "data.noun2").read_bytes(),
+             "v": (folder / "data.verb").read_bytes(), "a": (folder / "data.adj").read_bytes(), "r": (folder / "data.adv").read_bytes()}
+    ids = df.synset.drop_duplicates()
+    assert all(files[s[-1]][int(s[:8]) - 1:int(s[:8]) + 9] == b"\n" + s[:8].encode() + b" " for s in ids)
+    assert "WordNet 3.0 Copyright 2006 by Princeton University" in (folder / "LICENSE.txt").read_text()
+    from bigmodel_nb.data import DataError, TextData
+    with pytest.raises(DataError, match="is a lexicon asset, not text"):
+        TextData.from_asset("wordnet")
+
+
 def test_minilm_loads_with_transformers(shared_cache):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     path = model_path("minilm")

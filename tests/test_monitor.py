@@ -6,7 +6,7 @@ import scipy.stats
 import torch
 
 from bigmodel_nb.monitor import (DriftMonitor, STATISTICS, ShareMonitor, adjusted_share, ks_distance, median_width, mmd2, psi,
-                                 quantile_edges, shares, wilson_interval)
+                                 proxy_a_distance, quantile_edges, shares, wilson_interval)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -132,3 +132,64 @@ def test_share_monitor_refuses_what_it_cannot_measure():
     with pytest.raises(ValueError, match="empty"): sm.window([])
     with pytest.raises(ValueError, match="not above fpr"): adjusted_share(0.3, 0.2, 0.2)
     assert adjusted_share(0.0, 0.8, 0.1) == 0.0 and adjusted_share(1.0, 0.8, 0.1) == 1.0        # clipped to [0, 1]
+
+
+def _gaussians(delta, n=800, d=12, seed=0):
+    r = np.random.default_rng(seed)
+    return r.normal(size=(n, d)), r.normal(size=(n, d)) + np.r_[delta, np.zeros(d - 1)]
+
+
+def test_proxy_a_distance_is_near_0_for_one_distribution_and_near_2_for_separated_ones():
+    same = proxy_a_distance(*_gaussians(0.0))
+    assert same.distance < 0.15 and abs(same.error - 0.5) < 0.05 and same.rows == 800 and len(same.fold_errors) == 5
+    apart = proxy_a_distance(*_gaussians(10.0))
+    assert apart.distance > 1.95 and apart.error < 0.0125
+    assert proxy_a_distance(*_gaussians(0.5), seed=3) == proxy_a_distance(*_gaussians(0.5), seed=3)   # seeded
+
+
+def test_proxy_a_distance_rises_with_the_separation_and_follows_the_best_linear_rule():
+    from scipy.stats import norm
+    deltas = [0.0, 0.5, 1.0, 1.5, 2.5, 4.0]
+    measured = [proxy_a_distance(*_gaussians(d, seed=1)).distance for d in deltas]
+    assert all(b > a for a, b in zip(measured, measured[1:])), measured
+    # two unit Gaussians delta apart: the best rule errs with probability Phi(-delta/2)
+    assert measured == pytest.approx([2 * (1 - 2 * norm.cdf(-d / 2)) for d in deltas], abs=0.15)
+
+
+def test_proxy_a_distance_balances_the_two_samples():
+    r = np.random.default_rng(2)
+    big, small = r.normal(size=(900, 6)), r.normal(size=(100, 6))      # one distribution, 9 to 1
+    res = proxy_a_distance(big, small)
+    # unbalanced, "always the big one" would err on 10% and read as d_A = 1.6; on equal samples it is near 0
+    assert res.rows == 100 and res.distance < 0.3
+    assert proxy_a_distance(big, r.normal(size=(500, 6)), max_rows=60).rows == 60
+    flipped = proxy_a_distance(small, big, seed=4)
+    assert flipped.rows == 100 and flipped.distance < 0.3
+
+
+def test_proxy_a_distance_refuses_bad_input():
+    x = np.zeros((20, 4))
+    with pytest.raises(ValueError, match=r"source has shape \(20,\)"): proxy_a_distance(np.zeros(20), x)
+    with pytest.raises(ValueError, match="target is empty"): proxy_a_distance(x, np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="4 features per row and target 3"): proxy_a_distance(x, np.zeros((20, 3)))
+    with pytest.raises(ValueError, match="at least 5 rows of each"): proxy_a_distance(x, np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="folds=1"): proxy_a_distance(x, x, folds=1)
+    with pytest.raises(ValueError, match="target: row 2 holds NaN"): proxy_a_distance(x, np.where(np.arange(20)[:, None] == 2, np.nan, x))
+
+
+def test_proxy_a_distance_of_real_sentence_embeddings():
+    import warnings
+    from bigmodel_nb.assets import load_sample, model_path
+    from bigmodel_nb.models import NewHeadWarning
+    from bigmodel_nb.predict import Predictor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NewHeadWarning)
+        encoder = Predictor.from_pretrained(model_path("minilm"), device="cpu", max_length=48)
+    movies = load_sample("movie_reviews").text.sample(300, random_state=11).tolist()
+    tweets = load_sample("scored_tweets").text.sample(150, random_state=11).tolist()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                  # faster here than two threads that wait for each other
+    try: a, b, t = encoder.embed(movies[:150]), encoder.embed(movies[150:]), encoder.embed(tweets)
+    finally: torch.set_num_threads(threads)
+    within, across = proxy_a_distance(a, b), proxy_a_distance(a, t)
+    assert within.distance < 0.5 < 1.2 < across.distance, (within, across)

@@ -100,6 +100,18 @@ def test_every_notebook_installs_itself_on_colab():
         assert colab.install_command(f"[{','.join(extras)}]" if extras else "") in src, f"{p.name}: run python tools/colab.py"
 
 
+def test_every_notebook_frees_its_namespace_under_nbdev_test():
+    """nbdev_test runs notebook after notebook in each worker process, and IPython keeps every finished shell (and so
+    every model a notebook loaded) alive until the process ends: each notebook's last cell clears its namespace
+    when IN_TEST is set, so a worker's memory stays that of its largest notebook, not the sum."""
+    nbs = [p for p in (ROOT / "nbs").rglob("*.ipynb") if p.name != "index.ipynb"
+           and not any(part.startswith((".", "_")) for part in p.relative_to(ROOT / "nbs").parts)]
+    for p in nbs:
+        last = "".join([c for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "code"][-1]["source"])
+        assert last.startswith("#| hide") and 'if os.environ.get("IN_TEST"): get_ipython().run_line_magic("reset", "-f")' in last, (
+            f"{p.name}: end the notebook with a hidden cell that runs `%reset -f` under nbdev_test (copy the last cell of nbs/00_core.ipynb)")
+
+
 def test_colab_cells_and_badges_follow_settings_ini():
     cfg = colab.settings()
     assert colab.stale() == [], "run python tools/colab.py"
