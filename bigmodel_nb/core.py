@@ -26,7 +26,8 @@ __all__ = ['DEVICE_ENV', 'CACHE_ENV', 'PRECISION_CHOICES', 'PRECISIONS', 'REPORT
            'bf16_supported', 'autocast_dtype', 'precision_name', 'needs_loss_scaling', 'set_seed', 'run_context',
            'in_notebook', 'cache_dir', 'warn', 'quiet_import', 'patch_to', 'atomic_write', 'pid_alive', 'say', 'say_to',
            'cpu_state_dict', 'rng_state', 'set_rng_state', 'check_positive', 'check_nonnegative', 'check_fraction',
-           'check_seed', 'check_choice', 'plural', 'rows_text', 'short_repr', 'Issue', 'EnvReport', 'env_report']
+           'check_seed', 'check_choice', 'check_texts', 'plural', 'rows_text', 'short_repr', 'Issue', 'EnvReport',
+           'env_report']
 
 # %% ../nbs/00_core.ipynb #837f5f7d
 DEVICE_ENV = "BIGMODEL_NB_DEVICE"  # environment variable that overrides the automatic device choice
@@ -286,7 +287,7 @@ def set_rng_state(state:dict):
     if state.get("torch") is not None: torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
 
-# %% ../nbs/00_core.ipynb #ee1f4007
+# %% ../nbs/00_core.ipynb #39833ff2
 def _is_number(v) -> bool: return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 def check_positive(name:str, v, integer:bool=False):
@@ -321,6 +322,19 @@ def check_choice(options:tuple):
         if v not in options: raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {v!r}")
         return v
     return check
+
+def check_texts(texts, what:str="texts") -> list:
+    "`texts` as a list of non-blank strings; a single string, an empty list or a blank item is refused by position."
+    if isinstance(texts, str): raise TypeError(f"{what}: pass a list of texts, not one string (wrap it: [text]).")
+    texts = list(texts)
+    if not texts: raise ValueError(f"{what}: the list is empty; pass at least one text.")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        many = len(bad) > 1
+        raise ValueError(f"{what}: {'texts' if many else 'the text'} at position{'s' if many else ''} "
+                         f"{', '.join(map(str, bad[:5]))}{f' and {len(bad) - 5:,} more' if len(bad) > 5 else ''} (counting from 0) "
+                         f"{'are' if many else 'is'} blank or not a string; remove or fill {'them' if many else 'it'}.")
+    return texts
 
 # %% ../nbs/00_core.ipynb #d4f644eb
 def plural(n:int, word:str, plural_form:str|None=None) -> str:

@@ -31,9 +31,9 @@ from .tasks import ClassificationTask, Task, get_task
 # %% auto #0
 __all__ = ['TORCHAO_NOTICES', 'ATTENTION_KINDS', 'BERT_FAMILY', 'OPTIMIZERS', 'LabelError', 'head_labels', 'ModelNotFoundError',
            'LabelMismatchError', 'DamagedModelError', 'NewHeadWarning', 'RandomBodyWarning', 'quiet_transformers',
-           'set_dropout', 'model_dropout', 'load_classifier', 'load_tokenizer', 'count_parameters', 'parameter_table',
-           'PatternError', 'freeze', 'unfreeze', 'freeze_body', 'activation_memory', 'MemoryEstimate',
-           'estimate_training_memory', 'measure_training_memory']
+           'set_dropout', 'model_dropout', 'load_classifier', 'load_tokenizer', 'model_outputs', 'mean_pool',
+           'count_parameters', 'parameter_table', 'PatternError', 'freeze', 'unfreeze', 'freeze_body',
+           'activation_memory', 'MemoryEstimate', 'estimate_training_memory', 'measure_training_memory']
 
 # %% ../nbs/03_models.ipynb #5cbf9b37
 class LabelError(ValueError):
@@ -401,6 +401,26 @@ def load_tokenizer(
     if model is not None and model.config.pad_token_id is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     return tok
+
+# %% ../nbs/03_models.ipynb #64008741
+def model_outputs(out) -> torch.Tensor:
+    "The prediction tensor of a forward pass: `.logits`, or the output itself, or its first item."
+    if torch.is_tensor(out): return out
+    logits = getattr(out, "logits", None)
+    if logits is not None: return logits
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]): return out[0]
+    raise TypeError(f"the model returned a {type(out).__name__} without logits: return a tensor, or an object with `.logits`.")
+
+def mean_pool(
+    hidden:torch.Tensor,            # (batch, tokens, width) hidden states
+    attention_mask:torch.Tensor,    # (batch, tokens): 1 for a real token, 0 for padding
+) -> torch.Tensor:
+    "The mean of each row's hidden states over its real tokens, (batch, width); differentiable."
+    if hidden.ndim != 3 or attention_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and attention_mask {tuple(attention_mask.shape)}: pass (batch, tokens, width) "
+                         "states and a (batch, tokens) mask of the same batch and length.")
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 # %% ../nbs/03_models.ipynb #2eefebd0
 def count_parameters(model:nn.Module) -> dict:

@@ -16,6 +16,17 @@ def tmp_cache(tmp_path, monkeypatch):
     return cache
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one CPU thread for a module's tests: tensors this small run fastest so, and a busy machine is spared
+    two threads waiting for each other. Use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_py(code: str, env: dict | None = None, **kw):
     "Run `code` in a fresh interpreter (so environment variables are read anew)."
     import subprocess

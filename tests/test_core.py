@@ -77,3 +77,22 @@ def test_warn_names_the_first_line_outside_the_package_even_through_decorators()
     with pytest.warns(DeprecationWarning) as rec:
         fake.outer(core.warn); line = sys._getframe().f_lineno
     assert [(w.filename, w.lineno) for w in rec] == [(__file__, line)]
+
+
+def test_check_texts_names_blank_items_by_position_and_refuses_one_string():
+    assert core.check_texts(t for t in ("a", "b")) == ["a", "b"]            # any iterable comes back as a list
+    with pytest.raises(TypeError, match="queries: pass a list of texts, not one string"): core.check_texts("one", "queries")
+    with pytest.raises(ValueError, match="the list is empty"): core.check_texts([])
+    with pytest.raises(ValueError, match=r"the text at position 2 \(counting from 0\) is blank"): core.check_texts(["a", "b", "  "])
+    with pytest.raises(ValueError, match=r"positions 0, 3 \(counting from 0\) are blank or not a string"): core.check_texts([None, "b", "c", ""])
+
+
+def test_mean_pool_is_the_average_over_real_tokens_and_checks_shapes():
+    from bigmodel_nb.models import mean_pool, model_outputs
+    hidden = torch.arange(12.0).reshape(2, 3, 2)
+    pooled = mean_pool(hidden, torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert torch.equal(pooled, torch.tensor([[1.0, 2.0], [8.0, 9.0]]))      # (0+2)/2, (1+3)/2; (6+8+10)/3, (7+9+11)/3
+    with pytest.raises(ValueError, match="same batch and length"): mean_pool(hidden, torch.ones(2, 4))
+    logits = torch.zeros(1, 2)
+    assert model_outputs(types.SimpleNamespace(logits=logits)) is logits and model_outputs([logits]) is logits
+    with pytest.raises(TypeError, match="without logits"): model_outputs(types.SimpleNamespace(loss=1.0))

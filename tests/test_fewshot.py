@@ -8,18 +8,12 @@ import pytest
 import torch
 
 from bigmodel_nb.assets import load_sample
-from bigmodel_nb.fewshot import LinearProbe, SetFitClassifier, contrastive_pairs, cosine_pair_loss, mean_pool, per_class
-from bigmodel_nb.models import NewHeadWarning, load_classifier
+from bigmodel_nb.fewshot import LinearProbe, SetFitClassifier, contrastive_pairs, cosine_pair_loss, per_class
+from bigmodel_nb.models import NewHeadWarning, load_classifier, mean_pool
 from bigmodel_nb.predict import Predictor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tensors this small run faster on one CPU thread than on two that wait for each other."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_per_class_draws_n_of_each_class_seeded_and_names_a_short_class():

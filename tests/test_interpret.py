@@ -17,13 +17,7 @@ from conftest import run_main
 TEXT = "A gripping, beautifully acted film that doesn't waste a minute."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "The models here are tiny: one thread is fastest, and spares a busy machine the threads' waiting."
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(tiny_bert_dir, folder, **head):
@@ -255,9 +249,9 @@ def test_errors_say_what_to_do(pred):
         I.captum_integrated_gradients(pred, TEXT, baseline="unk")
     with pytest.raises(ValueError, match="text is blank"):
         I.integrated_gradients(pred, "   ")
-    with pytest.raises(ValueError, match=r"texts \[1\]"):
+    with pytest.raises(ValueError, match=r"texts to explain: the text at position 1 \(counting from 0\) is blank"):
         pred.explain(["a film", ""])
-    with pytest.raises(ValueError, match="no texts"):
+    with pytest.raises(ValueError, match="texts to explain: the list is empty"):
         pred.explain([])
     with pytest.raises(TypeError, match="pass a string"):
         I.attention_rollout(pred, 42)

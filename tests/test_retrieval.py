@@ -87,9 +87,9 @@ def test_ranking_metrics_by_hand_and_against_sklearn():
 def test_clear_errors(questions):
     stored, _ = questions
     with pytest.raises(TypeError, match="not one string"): Bm25Search("one text")
-    with pytest.raises(ValueError, match="position 1 is blank"): TfidfSearch(["a question", "  ", "another"])
+    with pytest.raises(ValueError, match=r"stored texts: the text at position 1 \(counting from 0\) is blank"): TfidfSearch(["a question", "  ", "another"])
     with pytest.raises(ValueError, match="empty"): Bm25Search([])
-    with pytest.raises(ValueError, match="queries: text at position 0"): Bm25Search(stored).scores([""])
+    with pytest.raises(ValueError, match=r"queries: the text at position 0 \(counting from 0\) is blank"): Bm25Search(stored).scores([""])
     with pytest.raises(ValueError, match="k1="): Bm25Search(stored, b=2)
     with pytest.raises(ValueError, match="query 1 .*no right answer"): ranking_metrics([[0], [1]], [{0}, []])
     with pytest.raises(ValueError, match="mismatched lengths"): ranking_metrics([[0]], [{0}, {1}])
