@@ -177,7 +177,7 @@ class MaxSteps(Callback):
         done = learn.history and learn.history[-1]["step"] == learn.step       # e.g. `ValidateEvery` validated this step
         if self.reached and learn.valid_ds is not None and not done: learn.validate()   # before CSVLogger writes the history
 
-# %% ../nbs/05_callbacks.ipynb #e1a0682f
+# %% ../nbs/05_callbacks.ipynb #b9380aa0
 @dataclass
 class LRFindResult:
     "The sweep: learning rates, raw and smoothed losses, and the two suggestions."
@@ -192,14 +192,26 @@ class LRFindResult:
         "The smaller of the steepest point and a tenth of the minimum: the safer choice for fine-tuning."
         return min(self.steepest, self.minimum / 10)
 
+    def ylim(self) -> tuple:
+        "The loss range worth looking at: from a little below the lowest smoothed loss to a little above the first one; the spike of divergence is cut off."
+        smooth = [v for v in self.smoothed if math.isfinite(v)]
+        if not smooth: return (0.0, 1.0)
+        low, start = min(smooth), smooth[0]
+        span = max(start - low, 0.05 * abs(low), 1e-8)
+        return (low - 0.25 * span, max(start, low) + 0.5 * span)
+
     def plot(self, ax=None):
-        "Smoothed loss against learning rate (log scale), with the suggestions marked."
+        "Smoothed loss against learning rate (log scale), with the suggestions marked; the y-axis shows `ylim()` and says how many losses lie above it."
         import matplotlib.pyplot as plt
         if ax is None: fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(self.lrs, self.losses, alpha=0.3, label="loss")
-        ax.plot(self.lrs, self.smoothed, label="smoothed")
+        ax.plot(self.lrs[:len(self.losses)], self.losses, alpha=0.3, label="loss")
+        ax.plot(self.lrs[:len(self.smoothed)], self.smoothed, label="smoothed")
         for lr, name, m in [(self.steepest, "steepest", "o"), (self.minimum / 10, "minimum / 10", "s")]:
-            ax.plot([lr], [np.interp(np.log(lr), np.log(self.lrs), self.smoothed)], m, label=f"{name}: {lr:.1e}")
+            ax.plot([lr], [np.interp(np.log(lr), np.log(self.lrs[:len(self.smoothed)]), self.smoothed)], m, label=f"{name}: {lr:.1e}")
+        lo, hi = self.ylim()
+        ax.set_ylim(lo, hi)
+        above = sum(1 for v in self.losses if not (math.isfinite(v) and v <= hi))
+        if above: ax.set_title(f"{above} of {len(self.losses)} losses lie above the axis (the divergence)", fontsize=9)
         ax.set_xscale("log"); ax.set_xlabel("learning rate"); ax.set_ylabel("loss"); ax.legend()
         return ax
 

@@ -26,7 +26,7 @@ __all__ = ['DEVICE_ENV', 'CACHE_ENV', 'PRECISION_CHOICES', 'PRECISIONS', 'REPORT
            'bf16_supported', 'autocast_dtype', 'precision_name', 'needs_loss_scaling', 'set_seed', 'run_context',
            'in_notebook', 'cache_dir', 'warn', 'quiet_import', 'patch_to', 'atomic_write', 'pid_alive', 'say', 'say_to',
            'cpu_state_dict', 'rng_state', 'set_rng_state', 'check_positive', 'check_nonnegative', 'check_fraction',
-           'check_seed', 'check_choice', 'check_texts', 'plural', 'rows_text', 'short_repr', 'Issue', 'EnvReport',
+           'check_seed', 'check_choice', 'plural', 'rows_text', 'short_repr', 'Issue', 'check_texts', 'EnvReport',
            'env_report']
 
 # %% ../nbs/00_core.ipynb #837f5f7d
@@ -287,7 +287,7 @@ def set_rng_state(state:dict):
     if state.get("torch") is not None: torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
 
-# %% ../nbs/00_core.ipynb #39833ff2
+# %% ../nbs/00_core.ipynb #920d4475
 def _is_number(v) -> bool: return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 def check_positive(name:str, v, integer:bool=False):
@@ -323,19 +323,6 @@ def check_choice(options:tuple):
         return v
     return check
 
-def check_texts(texts, what:str="texts") -> list:
-    "`texts` as a list of non-blank strings; a single string, an empty list or a blank item is refused by position."
-    if isinstance(texts, str): raise TypeError(f"{what}: pass a list of texts, not one string (wrap it: [text]).")
-    texts = list(texts)
-    if not texts: raise ValueError(f"{what}: the list is empty; pass at least one text.")
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-    if bad:
-        many = len(bad) > 1
-        raise ValueError(f"{what}: {'texts' if many else 'the text'} at position{'s' if many else ''} "
-                         f"{', '.join(map(str, bad[:5]))}{f' and {len(bad) - 5:,} more' if len(bad) > 5 else ''} (counting from 0) "
-                         f"{'are' if many else 'is'} blank or not a string; remove or fill {'them' if many else 'it'}.")
-    return texts
-
 # %% ../nbs/00_core.ipynb #d4f644eb
 def plural(n:int, word:str, plural_form:str|None=None) -> str:
     "'1 row', '3 rows', '2 classes' (with `plural_form`)."
@@ -368,6 +355,19 @@ class Issue:
     positions:list=field(default_factory=list, repr=False)  # 0-based positions of the rows in the input
     dropped:bool=False     # whether the rows were dropped
     def __str__(self): return f"column {self.column!r}: {self.detail}"
+
+# %% ../nbs/00_core.ipynb #6e8d33e2
+def check_texts(texts, what:str="texts") -> list:
+    "`texts` as a list of non-blank strings; a single string, an empty list or a blank item is refused by position."
+    if isinstance(texts, str): raise TypeError(f"{what}: pass a list of texts, not one string (wrap it: [text]).")
+    texts = list(texts)
+    if not texts: raise ValueError(f"{what}: the list is empty; pass at least one text.")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        many = len(bad) > 1
+        raise ValueError(f"{what}: {'the texts at' if many else 'the text at'} {rows_text(bad, 'position', limit=5)} (counting from 0) "
+                         f"{'are' if many else 'is'} blank or not a string; remove or fill {'them' if many else 'it'}.")
+    return texts
 
 # %% ../nbs/00_core.ipynb #29e0f0d5
 REPORTED_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "peft", "datasets",

@@ -84,7 +84,7 @@ def test_check_texts_names_blank_items_by_position_and_refuses_one_string():
     with pytest.raises(TypeError, match="queries: pass a list of texts, not one string"): core.check_texts("one", "queries")
     with pytest.raises(ValueError, match="the list is empty"): core.check_texts([])
     with pytest.raises(ValueError, match=r"the text at position 2 \(counting from 0\) is blank"): core.check_texts(["a", "b", "  "])
-    with pytest.raises(ValueError, match=r"positions 0, 3 \(counting from 0\) are blank or not a string"): core.check_texts([None, "b", "c", ""])
+    with pytest.raises(ValueError, match=r"the texts at positions 0 and 3 \(counting from 0\) are blank or not a string"): core.check_texts([None, "b", "c", ""])
 
 
 def test_mean_pool_is_the_average_over_real_tokens_and_checks_shapes():

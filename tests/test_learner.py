@@ -209,6 +209,22 @@ def test_lr_finder_suggests_and_leaves_no_trace(make):
     assert learn.history
 
 
+def test_lr_finder_plot_keeps_the_divergence_off_the_scale():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from bigmodel_nb.callbacks import LRFindResult
+    res = LRFindResult(lrs=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2], losses=[0.69, 0.68, 0.55, 0.50, 11.0],
+                       smoothed=[0.69, 0.685, 0.62, 0.57, 4.0], steepest=1e-4, minimum=1e-3)
+    lo, hi = res.ylim()
+    assert lo < 0.57 and 0.69 < hi < 1.0                    # the descent fills the axis, the spike to 11 does not
+    ax = res.plot()
+    assert ax.get_ylim() == (lo, hi) and ax.get_title().startswith("1 of 5 losses")
+    plt.close(ax.figure)
+    stopped = LRFindResult(lrs=[1e-6, 1e-5, 1e-4, 1e-3], losses=[0.7, 0.6, float("nan")], smoothed=[0.7, 0.65, float("nan")],
+                           steepest=1e-5, minimum=1e-5)   # a sweep cut short by NaN: the plot uses the steps it has
+    ax = stopped.plot(); assert ax.get_title().startswith("1 of 3 losses"); plt.close(ax.figure)
+
 def test_early_stopping_and_keep_best(make):
     script = iter([1.0, 0.8, 0.9, 0.95, 0.7])
     kept = {}
