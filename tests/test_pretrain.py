@@ -253,7 +253,8 @@ def test_valid_split_fixed_masks_and_perplexity_equal_transformers(docs, wordpie
     whole = coll([v[i] for i in range(len(v))])
     with torch.no_grad(): theirs = float(model.eval()(**whole).loss)
     assert abs(row["valid_loss"] - theirs) < 1e-4
-    assert abs(row["valid_perplexity"] - math.exp(row["valid_loss"])) < 1e-6 * row["valid_perplexity"]
+    # the two come from float32 sums taken in different orders: they agree to about 1e-6 of the loss, so to ~1e-5 of the perplexity
+    assert abs(row["valid_perplexity"] - math.exp(row["valid_loss"])) < 1e-5 * row["valid_perplexity"]
     with torch.no_grad(): logits = model(**{k: t for k, t in whole.items() if k != "labels"}).logits
     keep = whole["labels"] != IGNORE_INDEX
     assert abs(row["valid_masked_accuracy"] - float((logits.argmax(-1)[keep] == whole["labels"][keep]).double().mean())) < 1e-9
