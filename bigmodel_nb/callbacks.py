@@ -177,7 +177,7 @@ class MaxSteps(Callback):
         done = learn.history and learn.history[-1]["step"] == learn.step       # e.g. `ValidateEvery` validated this step
         if self.reached and learn.valid_ds is not None and not done: learn.validate()   # before CSVLogger writes the history
 
-# %% ../nbs/05_callbacks.ipynb #b9380aa0
+# %% ../nbs/05_callbacks.ipynb #a8b1427d
 @dataclass
 class LRFindResult:
     "The sweep: learning rates, raw and smoothed losses, and the two suggestions."
@@ -198,7 +198,7 @@ class LRFindResult:
         if not smooth: return (0.0, 1.0)
         low, start = min(smooth), smooth[0]
         span = max(start - low, 0.05 * abs(low), 1e-8)
-        return (low - 0.25 * span, max(start, low) + 0.5 * span)
+        return (low - 0.25 * span, start + 0.5 * span)
 
     def plot(self, ax=None):
         "Smoothed loss against learning rate (log scale), with the suggestions marked; the y-axis shows `ylim()` and says how many losses lie above it."

@@ -225,6 +225,7 @@ def test_lr_finder_plot_keeps_the_divergence_off_the_scale():
                            steepest=1e-5, minimum=1e-5)   # a sweep cut short by NaN: the plot uses the steps it has
     ax = stopped.plot(); assert ax.get_title().startswith("1 of 3 losses"); plt.close(ax.figure)
 
+
 def test_early_stopping_and_keep_best(make):
     script = iter([1.0, 0.8, 0.9, 0.95, 0.7])
     kept = {}
