@@ -64,7 +64,9 @@ class Asset:
     homepage:str = ""
 
     @property
-    def requirement(self) -> str: return f"{self.dist}=={self.version}"
+    def requirement(self) -> str:
+        "The pinned pip requirement, `dist==version`."
+        return f"{self.dist}=={self.version}"
 
     @property
     def hashed_requirement(self) -> str:

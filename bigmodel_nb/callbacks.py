@@ -26,23 +26,33 @@ def _fmt_cell(v) -> str:
     if isinstance(v, float): return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
     return str(v)
 
+def _is_notebook_bar(cls) -> bool:
+    "Whether `cls` (what `tqdm.auto` chose) draws an ipywidgets bar."
+    try: from tqdm.notebook import tqdm_notebook
+    except ImportError: return False
+    return issubclass(cls, tqdm_notebook)
+
 class ProgressCallback(Callback):
     "A progress bar over all training examples plus a per-epoch metrics table (HTML in notebooks, text in terminals)."
     order = 90
     def __init__(self, mininterval:float=0.5): self.mininterval = mininterval
 
     def before_fit(self):
-        self.bar, self.handle = None, None
+        self.bar, self.handle, self.bar_handle = None, None, None
         self.columns = (["epoch", "train_loss"] + [f"valid_{m.name}" for m in metrics_for(self.learn.task, headline=True)]
                         + ["samples_per_s", "time"])
         if not self.learn.is_main: return
         from tqdm.auto import tqdm
         learn = self.learn
         total = learn.hp.epochs * len(learn.train_ds)
+        self.notebook = in_notebook() and _is_notebook_bar(tqdm)
         self.bar = tqdm(total=total, initial=min(learn.samples_seen, total), unit="ex", mininterval=self.mininterval,
-                        desc=f"epoch {learn.epoch + 1}/{learn.hp.epochs}", dynamic_ncols=True, leave=True)
+                        desc=f"epoch {learn.epoch + 1}/{learn.hp.epochs}", dynamic_ncols=True, leave=True,
+                        **({"display": False} if self.notebook else {}))
+        if self.notebook:                   # shown through a handle, so that `after_fit` can leave its last state as text
+            from IPython.display import display
+            self.bar_handle = display(self.bar.container, display_id=True)
         self.last = learn.samples_seen
-        self.notebook = in_notebook() and type(self.bar).__module__.startswith("tqdm.notebook")
         for row in learn.history: self._print_row(row, first=row is learn.history[0])
 
     def after_batch(self):
@@ -75,7 +85,14 @@ class ProgressCallback(Callback):
             self.bar.write(line)
 
     def after_fit(self):
-        if self.bar is not None: self.bar.close()
+        if self.bar is None: return
+        self.bar.close()
+        if self.bar_handle is not None:
+            # A saved notebook keeps a widget's text form from when it was first shown ("0%"): give it the final one.
+            bundle = getattr(self.bar.container, "_repr_mimebundle_", None)
+            data = dict(bundle()) if bundle else {}
+            data["text/plain"] = str(self.bar)
+            self.bar_handle.update(data, raw=True)
     after_cancel_fit = after_fit
 
 # %% ../nbs/05_callbacks.ipynb #6f0bcbe8

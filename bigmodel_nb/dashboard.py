@@ -527,7 +527,9 @@ class TrainerRun:
     def add_cb(self, cb):
         "Add a bigmodel_nb `Callback`; the bridge calls its before_fit, after_batch, after_step, after_sync, after_validate and after_fit."
         cb.learn = self; self.cbs.append(cb); return cb
-    def remove_cb(self, cb): self.cbs = [c for c in self.cbs if c is not cb]
+    def remove_cb(self, cb):
+        "Detach the callback `cb` (the same object `add_cb` was given)."
+        self.cbs = [c for c in self.cbs if c is not cb]
     def _call(self, event:str):
         for cb in self.cbs:
             f = getattr(cb, event, None)

@@ -615,13 +615,21 @@ class TextData:
         "The task's head: `num_labels`, `id2label`, `label2id` and `problem_type` for `AutoModelForSequenceClassification.from_pretrained(path, **kwargs)`."
         return self.task.head_config()
     @property
-    def num_labels(self) -> int: return self.config_kwargs["num_labels"]
+    def num_labels(self) -> int:
+        "How many outputs the model's head needs: the number of classes, or 1 for a regression."
+        return self.config_kwargs["num_labels"]
     @property
-    def label2id(self) -> dict: return dict(getattr(self.task, "label2id", None) or self.config_kwargs["label2id"])
+    def label2id(self) -> dict:
+        "Class name to id, as the model's config stores it."
+        return dict(getattr(self.task, "label2id", None) or self.config_kwargs["label2id"])
     @property
-    def id2label(self) -> dict: return dict(getattr(self.task, "id2label", None) or self.config_kwargs["id2label"])
+    def id2label(self) -> dict:
+        "Id to class name, as the model's config stores it."
+        return dict(getattr(self.task, "id2label", None) or self.config_kwargs["id2label"])
     @property
-    def splits(self) -> list: return [s for s in SPLITS if (self.df.split == s).any()]
+    def splits(self) -> list:
+        "The splits that have rows, in the order train, valid, test."
+        return [s for s in SPLITS if (self.df.split == s).any()]
     def split_index(self, split:str) -> np.ndarray:
         "Positions in `df` of the examples of `split`."
         if split not in SPLITS: raise ValueError(f"split={split!r}; use one of {SPLITS}.")
@@ -812,7 +820,9 @@ class DynamicBatchSampler(Sampler):
         self._order_cache = (None, None)
 
     @property
-    def n(self) -> int: return len(self.lengths)
+    def n(self) -> int:
+        "How many examples the sampler draws from."
+        return len(self.lengths)
 
     def epoch_order(self, epoch:int) -> np.ndarray:
         "The order in which epoch `epoch` visits the examples: a function of (seed, epoch, group_size, mega_batches)."

@@ -33,7 +33,9 @@ class TextBaseline:
         self.history, self.log = [], []           # a Learner's records, empty: no epochs here
 
     @property
-    def task(self) -> Task: return self.data.task
+    def task(self) -> Task:
+        "The data's task: what the targets are and how they are scored."
+        return self.data.task
 
     def _texts(self, split:str) -> list: return self.data.df.text.to_numpy()[self.data.split_index(split)].tolist()
     def _targets(self, split:str) -> np.ndarray: return self.data.df.target.to_numpy()[self.data.split_index(split)]
@@ -332,9 +334,13 @@ class RunScores:
         if self.metric not in keys: raise MetricsError(f"metric={self.metric!r} is not a summary number; use one of {', '.join(keys)}.")
 
     @property
-    def scores(self) -> np.ndarray: return np.array([r.summary()[self.metric] for r in self.reports])
+    def scores(self) -> np.ndarray:
+        "The metric of each run, in run order."
+        return np.array([r.summary()[self.metric] for r in self.reports])
     @property
-    def mean(self) -> float: return float(self.scores.mean())
+    def mean(self) -> float:
+        "The mean of the metric over the runs."
+        return float(self.scores.mean())
     @property
     def std(self) -> float:
         "The sample standard deviation (ddof=1): the spread to expect between runs."

@@ -785,10 +785,17 @@ def predict(self,
 class ModelWeights:
     "The model's weights as state: saved as a `save_pretrained` folder, loaded strictly (every weight, each in its place)."
     def __init__(self, learn:Learner): self.learn = learn
-    def state_dict(self) -> dict: return cpu_state_dict(self.learn.model)
-    def load_state_dict(self, state:dict): self.learn.model.load_state_dict(state)
-    def save(self, folder:Path): self.learn.save_model(folder)
+    def state_dict(self) -> dict:
+        "Every weight of the model, copied to the CPU."
+        return cpu_state_dict(self.learn.model)
+    def load_state_dict(self, state:dict):
+        "Put `state`'s weights into the model (strict: every name must fit)."
+        self.learn.model.load_state_dict(state)
+    def save(self, folder:Path):
+        "Write the model to `folder` as `Learner.save_model` does: a folder `from_pretrained` loads."
+        self.learn.save_model(folder)
     def load(self, folder:Path):
+        "Read `folder`'s model.safetensors into the model; raises if a weight is missing or unexpected."
         from safetensors.torch import load_file
         model = self.learn.model
         if not (folder / "model.safetensors").is_file():
@@ -806,9 +813,11 @@ class TrainableWeights(ModelWeights):
     FILE = "trainable.safetensors"
     def _names(self) -> list: return [n for n, p in self.learn.model.named_parameters() if p.requires_grad]
     def state_dict(self) -> dict:
+        "The weights that require a gradient, copied to the CPU."
         params = dict(self.learn.model.named_parameters())
         return {n: params[n].detach().to("cpu", copy=True) for n in self._names()}
     def load_state_dict(self, state:dict):
+        "Copy `state` into the trainable weights; raises unless it names exactly those."
         names = self._names()
         if sorted(state) != sorted(names):
             raise ValueError(f"the saved trainable weights ({len(state)}: {sorted(state)[:3]}...) are not this model's trainable ones "
@@ -817,12 +826,14 @@ class TrainableWeights(ModelWeights):
         with torch.no_grad():
             for n, v in state.items(): params[n].copy_(v)
     def save(self, folder:Path):
+        "Write the config, tokenizer and trainable weights (trainable.safetensors) to `folder`."
         from safetensors.torch import save_file
         folder.mkdir(parents=True, exist_ok=True)
         self.learn.model.config.save_pretrained(folder)
         if self.learn.tokenizer is not None: self.learn.tokenizer.save_pretrained(folder)
         save_file({n: v.contiguous() for n, v in self.state_dict().items()}, str(folder / self.FILE))
     def load(self, folder:Path):
+        "Read `folder`'s trainable.safetensors into the trainable weights."
         from safetensors.torch import load_file
         if not (folder / self.FILE).is_file():
             raise FileNotFoundError(f"{folder} has no {self.FILE}: it was saved with all of the model's weights; resume it without "
@@ -833,8 +844,11 @@ class TrainingProgress:
     "The learner's counters, running loss, history and log, as JSON."
     KEYS = ("step", "epoch", "batches", "samples_seen", "skipped_steps", "lr_now", "train_loss", "history", "log")
     def __init__(self, learn:Learner): self.learn = learn
-    def state_dict(self) -> dict: return {k: getattr(self.learn, k) for k in self.KEYS}
+    def state_dict(self) -> dict:
+        "The counters, running loss, history and log, as a dict JSON can hold."
+        return {k: getattr(self.learn, k) for k in self.KEYS}
     def load_state_dict(self, state:dict):
+        "Restore the counters, history and log; raises on a count that is not a whole number >= 0."
         for k in ("step", "epoch", "batches", "samples_seen", "skipped_steps"):
             if isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0:
                 raise ValueError(f"{k} is {state[k]!r}, where a whole number >= 0 belongs")
@@ -845,8 +859,12 @@ class TrainingProgress:
 
 class RNGState:
     "Python's, NumPy's, torch's and CUDA's random generators (see `core.rng_state`)."
-    def state_dict(self) -> dict: return rng_state()
-    def load_state_dict(self, state:dict): set_rng_state(state)
+    def state_dict(self) -> dict:
+        "The state of every random generator (`core.rng_state`)."
+        return rng_state()
+    def load_state_dict(self, state:dict):
+        "Set every random generator back to `state`."
+        set_rng_state(state)
 
 # %% ../nbs/04_learner.ipynb #38dfcb96
 def _clone(obj):

@@ -459,9 +459,13 @@ class EvalReport(Report):
 
     # ---- the numbers ------------------------------------------------------------------------------
     @property
-    def n(self) -> int: return len(self.y_true)
+    def n(self) -> int:
+        "How many examples were scored."
+        return len(self.y_true)
     @property
-    def n_classes(self) -> int: return len(self.labels)
+    def n_classes(self) -> int:
+        "How many classes the report covers."
+        return len(self.labels)
     @cached_property
     def y_pred(self) -> np.ndarray: return self.probs.argmax(1)
     @cached_property
@@ -477,16 +481,26 @@ class EvalReport(Report):
     @cached_property
     def averages(self) -> pd.DataFrame: return averages(self.per_class)
     @property
-    def accuracy(self) -> float: return float(np.trace(self.confusion) / self.n)
+    def accuracy(self) -> float:
+        "The fraction of examples whose top class is the true one."
+        return float(np.trace(self.confusion) / self.n)
     @property
-    def f1_macro(self) -> float: return float(self.averages.loc["macro", "f1"])
+    def f1_macro(self) -> float:
+        "F1 averaged over classes, each class counting the same."
+        return float(self.averages.loc["macro", "f1"])
     @property
-    def f1_weighted(self) -> float: return float(self.averages.loc["weighted", "f1"])
+    def f1_weighted(self) -> float:
+        "F1 averaged over classes, each weighted by its number of true examples."
+        return float(self.averages.loc["weighted", "f1"])
     @property
-    def log_loss(self) -> float: return float(self.losses.mean())
+    def log_loss(self) -> float:
+        "Mean cross-entropy of the true class (natural log); also `loss`."
+        return float(self.losses.mean())
     loss = log_loss
     @property
-    def ece(self) -> float: return expected_calibration_error(self.y_true, self.probs, 10)
+    def ece(self) -> float:
+        "Expected calibration error over 10 equal-width confidence bins."
+        return expected_calibration_error(self.y_true, self.probs, 10)
     def calibration(self, bins:int=10) -> pd.DataFrame:
         "Accuracy and mean confidence per confidence bin (see `calibration_bins`)."
         return calibration_bins(self.y_true, self.probs, bins)
@@ -759,19 +773,31 @@ class RegressionReport(Report):
         if self.lengths is not None: self.lengths = np.asarray(self.lengths, dtype=np.int64)
 
     @property
-    def n(self) -> int: return len(self.y_true)
+    def n(self) -> int:
+        "How many examples were scored."
+        return len(self.y_true)
     @cached_property
     def errors(self) -> np.ndarray: return self.y_pred - self.y_true
     @property
-    def loss(self) -> float: return mse(self.y_true, self.y_pred)
+    def loss(self) -> float:
+        "Mean squared error, the loss a regression head trains on."
+        return mse(self.y_true, self.y_pred)
     @property
-    def rmse(self) -> float: return rmse(self.y_true, self.y_pred)
+    def rmse(self) -> float:
+        "Root mean squared error, in the target's units."
+        return rmse(self.y_true, self.y_pred)
     @property
-    def mae(self) -> float: return mae(self.y_true, self.y_pred)
+    def mae(self) -> float:
+        "Mean absolute error, in the target's units."
+        return mae(self.y_true, self.y_pred)
     @property
-    def pearson(self) -> float: return pearson(self.y_true, self.y_pred)
+    def pearson(self) -> float:
+        "Pearson correlation of predictions with targets."
+        return pearson(self.y_true, self.y_pred)
     @property
-    def spearman(self) -> float: return spearman(self.y_true, self.y_pred)
+    def spearman(self) -> float:
+        "Spearman rank correlation of predictions with targets."
+        return spearman(self.y_true, self.y_pred)
 
     def summary(self) -> dict:
         "Every registered regression metric (`METRICS`), and the number of examples."

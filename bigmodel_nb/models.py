@@ -653,7 +653,9 @@ class MemoryEstimate:
                                                          self.activations + self.autocast_copies + self.backward_workspace,
                                                          self.gradients + self.optimizer_workspace)
     @property
-    def total(self) -> int: return self.peak
+    def total(self) -> int:
+        "The same as `peak`: the most memory training holds at once, in bytes."
+        return self.peak
     @property
     def sum_of_parts(self) -> int:
         "Everything added up: an upper bound that ignores that activations and gradients are not all alive at once."

@@ -285,7 +285,9 @@ class AdaLoRABudget(Callback):
         return callable(getattr(getattr(model, "base_model", None), "update_and_allocate", None))
 
     @property
-    def config(self): return _active_config(self.learn.model)
+    def config(self):
+        "The model's active AdaLoRA config (its target rank, schedule and rank pattern)."
+        return _active_config(self.learn.model)
 
     def after_loss(self):
         if self.learn.model.training and self.config.orth_reg_weight > 0:
@@ -300,10 +302,12 @@ class AdaLoRABudget(Callback):
         self.last = step
 
     def state_dict(self) -> dict:
+        "The rank allocator's importance scores and rank pattern, so that a resumed run prunes the same way."
         r = self.learn.model.base_model.rankallocator
         return dict(last=self.last, rank_pattern=self.config.rank_pattern, ipt=r.ipt, exp_avg_ipt=r.exp_avg_ipt, exp_avg_unc=r.exp_avg_unc)
 
     def load_state_dict(self, state:dict):
+        "Restore what `state_dict` saved onto the model's device."
         r, device = self.learn.model.base_model.rankallocator, next(self.learn.model.parameters()).device
         self.last, self.config.rank_pattern = int(state["last"]), state["rank_pattern"]
         for k in ("ipt", "exp_avg_ipt", "exp_avg_unc"): setattr(r, k, {n: t.to(device) for n, t in state[k].items()})

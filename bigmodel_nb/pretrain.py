@@ -203,7 +203,9 @@ class MaskedLMTask(Task):
         return dict(num_labels=2, id2label={0: "LABEL_0", 1: "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1}, problem_type=None)
 
     @classmethod
-    def from_config(cls, config) -> MaskedLMTask: return cls()
+    def from_config(cls, config) -> MaskedLMTask:
+        "The task for a saved masked-LM model (it has no settings to read from `config`)."
+        return cls()
     def describe(self, targets) -> str: return f"masked language modelling, {self.probability:.0%} of the tokens predicted"
     def __repr__(self): return f"{type(self).__name__}(probability={self.probability})"
 
@@ -298,7 +300,9 @@ class PretrainingDataset(Dataset):
         self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
         self.masked = self.mlm_labels = None
     @property
-    def targets(self) -> np.ndarray: return self.labels    # one per row, as `Learner.get_preds` reads them
+    def targets(self) -> np.ndarray:
+        "One target per row, as `Learner.get_preds` reads them."
+        return self.labels
     def __len__(self): return len(self.ids)
     def __getitem__(self, i:int) -> dict:
         item = {"input_ids": self.ids[i] if self.masked is None else self.masked[i], "label": int(self.labels[i])}
@@ -439,9 +443,13 @@ class PretrainingData:
         "A `MaskingCollator` for this tokenizer and task."
         return MaskingCollator(self.tokenizer, self.task, pad_to_multiple_of)
     @property
-    def num_labels(self) -> int: return self.task.head_config()["num_labels"]
+    def num_labels(self) -> int:
+        "The `num_labels` the model's config gets: 2, the next-sentence head's classes (unused without that head)."
+        return self.task.head_config()["num_labels"]
     @property
-    def classes(self) -> list: return []
+    def classes(self) -> list:
+        "No classes: pretraining predicts tokens, not labels."
+        return []
     def __len__(self): return len(self.ds)
     def __repr__(self):
         held = f", {len(self.valid_ds):,} held out for validation" if self.valid_ds else ""

@@ -37,7 +37,9 @@ def top_k(
 class Search:
     "Stored texts, and the scores of queries against them: `scores(queries)` is (queries, stored texts); `search` keeps the top k."
     texts:list
-    def scores(self, queries:Sequence[str]) -> np.ndarray: raise NotImplementedError
+    def scores(self, queries:Sequence[str]) -> np.ndarray:
+        "A (queries x documents) array of scores, higher meaning more relevant; subclasses compute it."
+        raise NotImplementedError
 
     def search(self,
         queries:Sequence[str],  # the texts to look up

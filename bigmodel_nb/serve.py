@@ -378,7 +378,9 @@ class ServeClient:
         "`GET /metrics`: counts, latency percentiles, throughput, Little's law and (with a monitor) drift."
         return self._answer("/metrics")
 
-    def close(self): self._conn.close()
+    def close(self):
+        "Close the connection to the server."
+        self._conn.close()
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 

@@ -122,9 +122,13 @@ class ClassificationTask(Task):
         if self.fixed and isinstance(class_weights, dict): self.use_class_weights(class_weights)
 
     @property
-    def classes(self) -> list: return list(self.label2id)
+    def classes(self) -> list:
+        "The class names in id order."
+        return list(self.label2id)
     @property
-    def num_labels(self) -> int: return len(self.label2id)
+    def num_labels(self) -> int:
+        "How many classes the head scores."
+        return len(self.label2id)
 
     def fit(self, targets:Sequence, dropped:Sequence=()) -> ClassificationTask:
         "The classes: `classes` if given, else the labels present, sorted. Classes dropped whole for being too small leave the set."

@@ -60,11 +60,21 @@ class TrackingLogger(Callback):
     order = 50                      # before KeepBest (60) and EarlyStopping (70), which may end the run in `after_validate`
     is_open = False
 
-    def open(self, hparams:dict): raise NotImplementedError              # start a run; `hparams` are the values it starts with
-    def write_scalars(self, values:dict, step:int): raise NotImplementedError
-    def write_changes(self, changes:list): raise NotImplementedError     # `Change`s from `learn.hp.log`
-    def flush(self): pass                                                # make what was written durable
-    def end(self, status:str): raise NotImplementedError                 # 'FINISHED', 'KILLED' or 'FAILED'
+    def open(self, hparams:dict):
+        "Start a run in the tracker; `hparams` are the values it starts with."
+        raise NotImplementedError
+    def write_scalars(self, values:dict, step:int):
+        "Write `values` (name to number) at `step`."
+        raise NotImplementedError
+    def write_changes(self, changes:list):
+        "Write hyperparameter `Change`s from `learn.hp.log`."
+        raise NotImplementedError
+    def flush(self):
+        "Make what was written durable (nothing to do by default)."
+        pass
+    def end(self, status:str):
+        "Close the run with `status`: 'FINISHED', 'KILLED' or 'FAILED'."
+        raise NotImplementedError                 # 'FINISHED', 'KILLED' or 'FAILED'
 
     def mark_written(self, log:int=0, history:int=0, changes:int=0):
         "Set how many rows of `learn.log`, `learn.history` and `learn.hp.log` the tracker already has."

@@ -125,7 +125,7 @@ def test_ctrl_c_stops_at_a_step_boundary_and_saves(tiny_bert_dir, tmp_path):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(f"""
         import sys
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
         from bigmodel_nb.assets import load_sample
         from bigmodel_nb.data import TextClassificationData
         from bigmodel_nb.learner import Callback, HParams, Learner
@@ -284,3 +284,29 @@ def test_out_of_memory_with_one_row_is_a_clear_error(make):
     limit_rows(learn, 0)
     with pytest.raises(torch.OutOfMemoryError, match="even with one example"):
         learn.fit()
+
+
+def test_progress_in_a_saved_notebook_ends_at_its_final_state(tiny_bert_dir, tmp_path):
+    """Run `fit` in a real Jupyter kernel and keep the outputs as a saved notebook does: the progress bar's text form is
+    its last state (100%, not the 0% it started at) and the epoch table is one HTML table, updated in place."""
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+    code = textwrap.dedent(f"""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
+        from bigmodel_nb.assets import load_sample
+        from bigmodel_nb.data import TextData
+        from bigmodel_nb.learner import HParams, Learner
+        data = TextData.from_df(load_sample("movie_reviews").sample(120, random_state=0))
+        data.tokenize(AutoTokenizer.from_pretrained({str(tiny_bert_dir)!r}), max_length=32)
+        logging.disable_progress_bar()           # transformers' own bar for loading the weights
+        model = AutoModelForSequenceClassification.from_pretrained({str(tiny_bert_dir)!r}, num_labels=2)
+        learn = Learner(model, data, HParams(lr=1e-3, batch_size=16, epochs=2), device="cpu", out_dir={str(tmp_path / "run")!r})
+        learn.fit()""")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outs = nb.cells[0].outputs
+    bars = [o for o in outs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    tables = [o for o in outs if "text/html" in o.get("data", {}) and "<table" in o["data"]["text/html"]]
+    assert len(bars) == 1 and "100%" in bars[0]["data"]["text/plain"] and "epoch 2/2" in bars[0]["data"]["text/plain"], bars
+    assert len(tables) == 1 and tables[0]["data"]["text/html"].count("<tr>") == 3      # header and one row per epoch
+    assert not [o for o in outs if o.get("name") == "stdout" and "train_loss" in o.get("text", "")]    # no text rows besides
