@@ -32,6 +32,11 @@ def _is_notebook_bar(cls) -> bool:
     except ImportError: return False
     return issubclass(cls, tqdm_notebook)
 
+def _bar_bundle(bar) -> dict:
+    "A notebook bar as display data: its widget, and its text for wherever widgets do not render (saved notebooks, GitHub)."
+    view = {"version_major": 2, "version_minor": 0, "model_id": bar.container.model_id}    # the same in ipywidgets 7 and 8
+    return {"application/vnd.jupyter.widget-view+json": view, "text/plain": str(bar)}
+
 class ProgressCallback(Callback):
     "A progress bar over all training examples plus a per-epoch metrics table (HTML in notebooks, text in terminals)."
     order = 90
@@ -51,7 +56,7 @@ class ProgressCallback(Callback):
                         **({"display": False} if self.notebook else {}))
         if self.notebook:                   # shown through a handle, so that `after_fit` can leave its last state as text
             from IPython.display import display
-            self.bar_handle = display(self.bar.container, display_id=True)
+            self.bar_handle = display(_bar_bundle(self.bar), raw=True, display_id=True)
         self.last = learn.samples_seen
         for row in learn.history: self._print_row(row, first=row is learn.history[0])
 
@@ -87,12 +92,8 @@ class ProgressCallback(Callback):
     def after_fit(self):
         if self.bar is None: return
         self.bar.close()
-        if self.bar_handle is not None:
-            # A saved notebook keeps a widget's text form from when it was first shown ("0%"): give it the final one.
-            bundle = getattr(self.bar.container, "_repr_mimebundle_", None)
-            data = dict(bundle()) if bundle else {}
-            data["text/plain"] = str(self.bar)
-            self.bar_handle.update(data, raw=True)
+        # A saved notebook keeps a widget's text form from when it was first shown ("0%"): give it the final one.
+        if self.bar_handle is not None: self.bar_handle.update(_bar_bundle(self.bar), raw=True)
     after_cancel_fit = after_fit
 
 # %% ../nbs/05_callbacks.ipynb #6f0bcbe8
