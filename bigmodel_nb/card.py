@@ -33,7 +33,7 @@ def model_metadata(
     "Everything a model card says, as a dict ready for JSON."
     from bigmodel_nb.data import texts_fingerprint
     cfg, arch = getattr(model, "config", None), type(model).__name__
-    if "SequenceClassification" in arch: task = "regression" if getattr(cfg, "problem_type", None) == "regression" else "classification"
+    if "SequenceClassification" in arch or "ImageClassification" in arch: task = "regression" if getattr(cfg, "problem_type", None) == "regression" else "classification"
     else: task = "pretraining" if ("MaskedLM" in arch or "PreTraining" in arch) else "other"
     meta = dict(format=CARD_FORMAT, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 model=dict(architecture=arch, base=getattr(cfg, "_name_or_path", None) or None, task=task,
@@ -42,7 +42,8 @@ def model_metadata(
                            trainable=sum(p.numel() for p in model.parameters() if p.requires_grad)),
                 calibration=getattr(cfg, "calibration", None))
     df = getattr(data, "df", None)
-    if df is not None and {"text", "split"} <= set(df.columns):
+    if callable(getattr(data, "card_data", None)): meta["data"] = data.card_data()    # data that describes itself (images)
+    elif df is not None and {"text", "split"} <= set(df.columns):
         labels = df.label if "label" in df.columns else [""] * len(df)       # unlabelled text (pretraining): texts and splits
         meta["data"] = dict(source=getattr(getattr(data, "source", None), "name", None), rows=len(df),
                             splits={s: int((df.split == s).sum()) for s in dict.fromkeys(df.split)},

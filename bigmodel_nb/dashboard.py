@@ -37,7 +37,7 @@ __all__ = ['MODES', 'batch_size_options', 'scaled_lr', 'control', 'pick_mode', '
 def batch_size_options(learn:Learner, limit:int=512) -> list:
     "Powers of two from 1 up to a safe maximum for this learner's device and data (the current size always included)."
     top = min(limit, 1 << max(0, (len(learn.train_ds) - 1).bit_length()))
-    if learn.device.type == "cuda":
+    if learn.device.type == "cuda" and getattr(learn.model, "main_input_name", "input_ids") == "input_ids":   # the estimate is for token batches
         import numpy as np
         import torch
         from bigmodel_nb.models import estimate_training_memory

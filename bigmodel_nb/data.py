@@ -31,10 +31,10 @@ from .tasks import IGNORE_INDEX, label_maps, normalize_label   # re-exported: co
 # %% auto #0
 __all__ = ['FORMATS', 'CSV_FIELD_LIMIT', 'SPLITS', 'SPLIT_ALIASES', 'TOKEN_CACHE_SIZE', 'DataError', 'DataWarning', 'DataSource',
            'issues_message', 'read_table', 'row_issues', 'duplicate_issues', 'stable_permutation', 'stratified_split',
-           'tokenizer_fingerprint', 'texts_fingerprint', 'model_max_length', 'tokenize_texts', 'cached_tokenize',
-           'is_plain_int', 'DataReport', 'TextData', 'load_tokenizer', 'TextClassificationData', 'read_batch_size',
-           'DynamicBatchSampler', 'SortedBatchSampler', 'Collator', 'length_buckets', 'TokenizedDataset', 'DataLoaders',
-           'padding_ratio']
+           'assign_splits', 'tokenizer_fingerprint', 'texts_fingerprint', 'model_max_length', 'tokenize_texts',
+           'cached_tokenize', 'is_plain_int', 'DataReport', 'TextData', 'load_tokenizer', 'TextClassificationData',
+           'read_batch_size', 'DynamicBatchSampler', 'SortedBatchSampler', 'Collator', 'length_buckets',
+           'TokenizedDataset', 'DataLoaders', 'padding_ratio']
 
 # %% ../nbs/02_data.ipynb #8c96d198
 class DataError(ValueError):
@@ -278,6 +278,24 @@ def stratified_split(
         out[idx[n_valid:n_valid + n_test]] = "test"
     return out
 
+def assign_splits(
+    task,                      # the fitted `Task` of the targets (its `strata` keep the split in proportion)
+    targets:np.ndarray,        # the encoded targets of the rows kept
+    given:Sequence|None,       # the split name of each kept row, or None to make the split here
+    valid_pct:float=0.1,       # share of each stratum for valid
+    test_pct:float=0.1,        # share of each stratum for test (only when the split is made here)
+    seed:int=42,
+) -> tuple:
+    "`(split names, origin)`: a stratified split, or the given one with valid carved from train when it has none (and `valid_pct` > 0)."
+    if given is None: return stratified_split(task.strata(targets), valid_pct, test_pct, seed), "stratified"
+    names, origin = np.array(list(given), dtype=object), "given"
+    if valid_pct > 0 and not (names == "valid").any():
+        train = np.flatnonzero(names == "train")
+        carved = stratified_split(task.strata(targets[train]), valid_pct, 0, seed)
+        names[train[carved == "valid"]] = "valid"; origin = "given; valid carved from train"
+    return names, origin
+
+
 # %% ../nbs/02_data.ipynb #535e7f26
 def tokenizer_fingerprint(tokenizer) -> str:
     "A short hash of what decides a tokenizer's output: its vocabulary, rules and special tokens."
@@ -472,15 +490,8 @@ class TextData:
         self.rows = [self.rows[i] for i in keep]
         kept = [labels[i] for i in keep]
         targets = task.fit(kept, dropped=dropped).encode(kept)
-        strata = task.strata(targets)
-        if split is None:
-            names, self.split_origin = stratified_split(strata, self.valid_pct, self.test_pct, self.seed), "stratified"
-        else:
-            names, self.split_origin = np.array([split[i] for i in keep], dtype=object), "given"
-            if self.valid_pct > 0 and not (names == "valid").any():
-                train = np.flatnonzero(names == "train")
-                carved = stratified_split(task.strata(targets[train]), self.valid_pct, 0, self.seed)
-                names[train[carved == "valid"]] = "valid"; self.split_origin = "given; valid carved from train"
+        names, self.split_origin = assign_splits(task, targets, None if split is None else [split[i] for i in keep],
+                                                 self.valid_pct, self.test_pct, self.seed)
         self.df = pd.DataFrame({"text": [texts[i] for i in keep], "label": kept, "target": targets, "split": names, "row": self.rows})
 
     # ---- constructors -------------------------------------------------------------------------------

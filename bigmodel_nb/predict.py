@@ -23,7 +23,7 @@ class Predictor:
     "A model, its tokenizer and its task: predictions for texts or datasets, in batches sorted by length."
     def __init__(self,
         model:torch.nn.Module,          # a model whose output has `.logits` (or is a tensor, or a tuple whose first item is)
-        tokenizer=None,                 # turns texts into token ids (not needed to predict a tokenized dataset)
+        tokenizer=None,                 # turns texts into token ids (not needed to predict a tokenized dataset); for images, a `vision.ImageProcessor`
         task:Task|None=None,            # decodes the outputs; default: read from `model.config`
         device:str|torch.device|None=None,  # move the model here; None: where the model already is
         precision:str="auto",           # autocast: 'auto' (bf16/fp16 on GPUs, fp32 on a CPU), 'bf16', 'fp16', 'fp32'
@@ -127,7 +127,12 @@ def encode(self, texts:Sequence[str]) -> list:
 
 @patch_to(Predictor)
 def outputs(self, texts:Sequence[str], batch_size:int|None=None) -> torch.Tensor:
-    "The model's outputs (logits) for `texts`, in their order, on the CPU."
+    "The model's outputs (logits) for `texts` (or images, when the tokenizer is an image processor), in their order, on the CPU."
+    prepare = getattr(self.tokenizer, "predict_items", None)    # an image processor turns its own inputs into examples
+    if prepare is not None:
+        if isinstance(texts, (list, tuple)) and not len(texts): return torch.empty(0)
+        items, lengths, collate = prepare(texts, self.task)
+        return self.run(items, lengths, collate, batch_size=batch_size)
     ids = self.encode(texts)
     if not ids: return torch.empty(0)
     items = [{"input_ids": x, "label": self.task.pad_target} for x in ids]
@@ -136,7 +141,7 @@ def outputs(self, texts:Sequence[str], batch_size:int|None=None) -> torch.Tensor
 
 @patch_to(Predictor)
 def predict(self, texts:Sequence[str], batch_size:int|None=None) -> list:
-    "One answer per text: `{'label', 'probs'}` for classes, `{'value'}` for a regression."
+    "One answer per text (or image): `{'label', 'probs'}` for classes, `{'value'}` for a regression."
     if isinstance(texts, str): texts = [texts]
     return self.task.decode(self.outputs(texts, batch_size))
 
@@ -190,7 +195,7 @@ def explain(self,
 @patch_to(Predictor)
 @classmethod
 def from_pretrained(cls,
-    path:str|Path,                      # a folder with config.json, weights and a tokenizer; an adapter or ONNX folder; or a model asset name
+    path:str|Path,                      # a folder with config.json, weights and a tokenizer (or image processor); an adapter or ONNX folder; or a model asset name
     device:str|torch.device|None=None,  # see `core.get_device`; None: the best device here
     base:str|None=None,                 # for an adapter folder: its base model, if not the one it recorded
     **kwargs,                           # passed on to `Predictor`: precision, batch_size, max_length
@@ -198,7 +203,9 @@ def from_pretrained(cls,
     "A predictor for a saved model (or a saved adapter on its base model); its task is read from the model's config."
     from bigmodel_nb.compress import is_onnx_folder, load_onnx
     from bigmodel_nb.peft import is_adapter_folder, load_adapter
+    from bigmodel_nb.vision import ImageProcessor, is_image_model_folder, load_image_classifier
     if is_onnx_folder(path): model, tok = load_onnx(path)
+    elif is_image_model_folder(path): model, tok = load_image_classifier(path), ImageProcessor.from_pretrained(path)
     elif is_adapter_folder(path): model, tok = load_adapter(path, base=base)
     else: model, tok = load_classifier(path)
     return cls(model, tok, device=get_device(device), **kwargs)
