@@ -149,9 +149,8 @@ class EfficientNetLiteForImageClassification(PreTrainedModel):
         "He initialisation for convolutions (fan out), a small normal for the head, BatchNorm as the identity."
         if isinstance(module, nn.Conv2d): nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, nn.Linear): nn.init.normal_(module.weight, std=0.01); nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight); nn.init.zeros_(module.bias)
-            module.running_mean.zero_(); module.running_var.fill_(1.0)
+        elif isinstance(module, nn.BatchNorm2d):   # running statistics start at 0 and 1 by construction; resetting them here
+            nn.init.ones_(module.weight); nn.init.zeros_(module.bias)   # would wipe loaded ones (transformers 5.6 re-runs this after loading)
 
     def pooled_features(self, pixel_values:torch.Tensor) -> torch.Tensor:
         "The body's features averaged over the image, (batch, head_channels): what the head reads."

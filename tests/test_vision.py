@@ -168,6 +168,8 @@ def test_the_learner_trains_saves_resumes_and_predicts_images(digit_folder, tmp_
     card = json.loads((tmp_path / "model" / "metadata.json").read_text())
     assert card["model"]["task"] == "classification" and card["model"]["labels"] == data.classes and card["data"]["image_size"] == 32
     pred = Predictor.from_pretrained(tmp_path / "model", device="cpu")
+    saved, live = pred.model.state_dict(), learn.model.state_dict()
+    assert saved.keys() == live.keys() and [k for k in live if not torch.equal(saved[k], live[k].cpu())] == []   # batch-norm statistics too
     files = [str(p) for p in sorted((digit_folder / "digit2").glob("*.png"))[:4]]
     answers = pred.predict(files)
     assert [a["label"] for a in answers] == [a["label"] for a in learn.predict(files)] and len(answers) == 4
