@@ -171,7 +171,11 @@ def _looks_local(name:str) -> bool:
 def _check_model_arg(model:str):
     from bigmodel_nb.assets import ASSETS
     from bigmodel_nb.models import ModelNotFoundError
+    from bigmodel_nb.vision import is_image_model_folder
     folder = Path(model).expanduser()
+    if is_image_model_folder(folder):
+        raise UsageError(f"{model} holds an image classifier (finetune --task image); this command takes text models so far. "
+                         f"Classify images with: bigmodel-nb predict --model {model} IMAGE.png ...")
     if folder.is_dir() and not (folder / "config.json").exists() and (folder / RUN_FILE).is_file():
         run = read_run(folder)
         if run.get("status") != "done" and (folder / "checkpoint").is_dir():
@@ -224,6 +228,7 @@ def saved_task(model:str):
     from transformers import AutoConfig
     from bigmodel_nb.assets import model_path
     from bigmodel_nb.tasks import task_from_config
+    _check_model_arg(model)
     return task_from_config(AutoConfig.from_pretrained(str(model_path(model))))
 
 def _only_the_pooler_is_new(m, model:str) -> bool:

@@ -198,6 +198,8 @@ def test_finetune_and_predict_on_the_command_line(digit_folder, tmp_path, capsys
     assert line["image"] == str(img) and line["label"] in ["digit0", "digit1", "digit2"] and abs(sum(line["probs"].values()) - 1) < 1e-4
     code, _, err = run_main(capsys, "predict", "--model", out, tmp_path / "missing.png")
     assert code == 2 and "missing.png" in err and "Traceback" not in err
+    code, _, err = run_main(capsys, "evaluate", "--model", out, "--data", "mnist_5k")        # text-only commands say so
+    assert code == 2 and "image classifier" in err and "bigmodel-nb predict" in err
 
 
 @pytest.mark.parametrize("args, words", [
