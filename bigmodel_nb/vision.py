@@ -54,7 +54,7 @@ class SameConv2d(nn.Conv2d):
 class ConvBN(nn.Module):
     "A `SameConv2d`, batch normalisation and (unless `act=False`) ReLU6."
     def __init__(self, in_channels:int, out_channels:int, kernel_size:int, stride:int=1, groups:int=1, act:bool=True,
-                 eps:float=1e-3, momentum:float=0.01):
+                 eps:float=1e-3, momentum:float=0.1):   # the same defaults as `EfficientNetLiteConfig`
         super().__init__()
         self.conv = SameConv2d(in_channels, out_channels, kernel_size, stride, groups)
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
@@ -620,7 +620,6 @@ def card_data(self) -> dict:
 @patch_to(ImageData)
 def show(self, n:int=16, split:str="train", ncols:int=8, augment:bool=False):
     "The first `n` images of `split` with their labels, as a matplotlib figure (augmented as training sees them if `augment`)."
-    import matplotlib.pyplot as plt
     ds, idx = self.dataset(split, augment=augment), self.split_index(split)[:n]
     images = [ds[i]["pixel_values"] for i in range(len(idx))]
     return show_images(images, [str(self.df.label.iloc[i]) for i in idx], ncols=ncols)
