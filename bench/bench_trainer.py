@@ -5,9 +5,13 @@ Both get the same initial weights (one model, deep-copied), the same tokenized t
 (from one `TextClassificationData` split), batch size, learning rate, epochs, warmup, weight decay,
 gradient clipping, precision, seed, linear schedule and fused AdamW. Only training is timed (no model
 loading, tokenizing or evaluation); both models are then scored on the test split by the same code.
+The Learner can be timed several ways in the same run (`--variants`): eager, with its step captured as CUDA
+graphs, with the model compiled by `torch.compile`, and with the word-embedding matrix frozen. Each run also
+reports its MFU (useful FLOPs per second against a bf16 matrix product measured on the spot) and peak memory.
 
     python bench/bench_trainer.py --max-samples 3000 --epochs 2          # ~minutes on a 2-core CPU
     python bench/bench_trainer.py --json                                  # full data; JSON on the last line
+    python bench/bench_trainer.py --variants eager,graphs,compiled        # on a GPU: the Learner three ways, one run
 
 See bench/README.md for the fairness choices and measured numbers.
 """
@@ -52,6 +56,12 @@ def parse_args(argv=None):
                    help="give Trainer length-grouped batches too (train_sampling_strategy='group_by_length' in 5.x, "
                         "group_by_length=True in 4.x); default: Trainer's default random batches")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated Learner variants to time: eager, graphs (HParams(cuda_graphs='on')), compiled "
+                        "(torch.compile of the model), frozen-embeddings (word embedding matrix not trained); "
+                        "default: eager on a CPU, eager,graphs on CUDA")
+    p.add_argument("--heldout", type=int, default=0,
+                   help="with --max-samples: also score both models on this many sentences outside the subsample (seeded)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p.parse_args(argv)
 
@@ -99,6 +109,59 @@ def test_accuracy(model, ds, collate, device, dtype, batch_size=128) -> float:
     return correct / len(order)
 
 
+def non_embedding_params(model) -> int:
+    "Parameters outside the embedding tables: the ones every token multiplies through (the N of 6N)."
+    emb = {id(m.weight) for m in model.modules() if type(m).__name__ == "Embedding"}
+    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
+
+
+def train_flops(model, lengths, epochs) -> float:
+    """Useful training FLOPs: per real token 6N (forward and backward through the non-embedding weights) plus
+    12 * layers * width * T for the attention scores and their weighting of the values, T the example's own length."""
+    import numpy as np
+    cfg = model.config
+    L = np.asarray(lengths, dtype=np.float64)
+    n = non_embedding_params(model)
+    return epochs * float((6 * n * L + 12 * cfg.num_hidden_layers * cfg.hidden_size * L * L).sum())
+
+
+def matmul_peak(device, dtype, threads=None) -> float:
+    "FLOP/s of a large square matrix product in `dtype` on `device`, best of a few: the peak that MFU divides by."
+    import torch
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(6):
+        sync(device); t = time.perf_counter(); a @ b; sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+class PeakMemory:
+    """The most memory a run used, in MB. CUDA: the allocator's peak since the start (reset there). CPU: the process's
+    resident memory, read every 20 ms by a thread (on Linux; elsewhere the process's high-water mark so far)."""
+    def __init__(self, device): self.device, self.peak = device, 0.0
+    def _rss(self):
+        with open("/proc/self/statm") as f: return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    def __enter__(self):
+        import threading
+        import torch
+        if self.device.type == "cuda": torch.cuda.reset_peak_memory_stats(self.device); return self
+        self.done = threading.Event()
+        def watch():
+            while not self.done.wait(0.02): self.peak = max(self.peak, self._rss())
+        if os.path.exists("/proc/self/statm"):
+            self.peak = self._rss(); self.thread = threading.Thread(target=watch, daemon=True); self.thread.start()
+        return self
+    def __exit__(self, *exc):
+        import torch
+        if self.device.type == "cuda": self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif hasattr(self, "thread"): self.done.set(); self.thread.join()
+        else:
+            import resource
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _loadavg():
     try: return [round(x, 2) for x in os.getloadavg()]
     except OSError: return None
@@ -111,8 +174,11 @@ def sync(device):
 
 
 # ---- the two runs -----------------------------------------------------------------------------------------------
-def run_learner(model, data, tok, args, precision, device, max_steps=None) -> dict:
+VARIANTS = ("eager", "graphs", "compiled", "frozen-embeddings")
+
+def run_learner(model, data, tok, args, precision, device, max_steps=None, variant="eager") -> dict:
     "Train with `Learner`; the clock runs from `before_fit` to `after_fit`, less the per-epoch validations."
+    import torch
     from bigmodel_nb.learner import Callback, CancelFitException, HParams, Learner
 
     class Clock(Callback):
@@ -128,13 +194,16 @@ def run_learner(model, data, tok, args, precision, device, max_steps=None) -> di
 
     hp = HParams(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, weight_decay=args.weight_decay,
                  warmup=args.warmup, grad_accum=1, max_grad_norm=args.max_grad_norm, precision=precision,
-                 seed=args.seed, schedule="linear")
+                 seed=args.seed, schedule="linear", cuda_graphs="on" if variant == "graphs" else "off")
+    if variant == "frozen-embeddings": model.get_input_embeddings().weight.requires_grad_(False)
+    trained = torch.compile(model) if variant == "compiled" else model
     clock = Clock()
-    learn = Learner(model, data, hp, tokenizer=tok, cbs=[clock], progress=False, device=str(device))
+    learn = Learner(trained, data, hp, tokenizer=tok, cbs=[clock], progress=False, device=str(device))
     learn.fit()
     seconds = clock.t1 - clock.t0 - clock.excluded
     out = dict(seconds=seconds, cpu_seconds=clock.c1 - clock.c0 - clock.c_excluded, samples=learn.samples_seen, steps=learn.step,
-               samples_per_s=learn.samples_seen / seconds, train_loss=learn.train_loss, model=learn.model)
+               samples_per_s=learn.samples_seen / seconds, train_loss=learn.train_loss, model=learn.model,
+               graph_status=learn.graph_status)
     if learn.history: out["library_samples_per_s"] = learn.history[-1]["samples_per_s"]   # the Learner's own clock
     return out
 
@@ -196,11 +265,23 @@ def main(argv=None):
     df = load_sample("movie_reviews")
     n_dup = int(df.duplicated("text").sum())
     df = df.drop_duplicates("text").reset_index(drop=True)      # the sample repeats 2 texts; TextClassificationData refuses them
-    if args.max_samples and args.max_samples < len(df): df = df.sample(n=args.max_samples, random_state=args.seed).reset_index(drop=True)
+    held = None
+    if args.max_samples and args.max_samples < len(df):
+        sub = df.sample(n=args.max_samples, random_state=args.seed)
+        if args.heldout:                                         # sentences no run trains on: a larger, quieter test
+            rest = df.drop(sub.index)
+            rest = rest.sample(n=min(args.heldout, len(rest)), random_state=args.seed).reset_index(drop=True)
+            held = TextClassificationData.from_df(rest, seed=args.seed, valid_pct=0.0, test_pct=0.0)
+        df = sub.reset_index(drop=True)
+    elif args.heldout: raise SystemExit("--heldout needs --max-samples: without a subsample every sentence is already in the split")
     data = TextClassificationData.from_df(df, seed=args.seed)
     tok = load_tokenizer(args.model)
     data.tokenize(tok, max_length=args.max_length)
     train_ds, test_ds = data.dataset("train"), data.dataset("test")
+    if held is not None:
+        if held.label2id != data.label2id: raise SystemExit("the held-out sentences have other labels than the subsample")
+        held.tokenize(tok, max_length=args.max_length)
+        held_ds = held.dataset("train")
     collate = data.collator()
 
     # one initial model, deep-copied for every run (same classifier-head initialisation)
@@ -222,17 +303,34 @@ def main(argv=None):
         run_trainer(copy.deepcopy(base), train_ds, tok, args, precision, device, max_steps=args.warmup_steps)
         say(f"warm-up: {args.warmup_steps} steps each, {time.perf_counter() - t:.1f}s")
 
+    variants = (args.variants or ("eager,graphs" if device.type == "cuda" else "eager")).split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or "eager" not in variants: raise SystemExit(f"--variants: {bad or variants} — pick from {', '.join(VARIANTS)}, eager included")
+    flops = train_flops(base, train_ds.lengths, args.epochs)
+    peak_bf16 = matmul_peak(device, torch.bfloat16)
+    say(f"useful training FLOPs {flops:.3g} ({flops / args.epochs / len(train_ds):.3g} per example); "
+        f"bf16 matmul peak here {peak_bf16 / 1e12:.3g} TFLOP/s")
+
     runs, load_before = {}, _loadavg()
-    order = ("learner", "trainer") if args.order == "learner-first" else ("trainer", "learner")
+    names = ["learner" if v == "eager" else f"learner-{v}" for v in variants]
+    order = [*names, "trainer"] if args.order == "learner-first" else ["trainer", *names]
     for name in order:
         model = copy.deepcopy(base)
-        r = (run_learner(model, data, tok, args, precision, device) if name == "learner"
-             else run_trainer(model, train_ds, tok, args, precision, device))
-        r["accuracy"] = test_accuracy(r.pop("model"), test_ds, collate, device, dtype)
+        variant = "eager" if name == "learner" else name.removeprefix("learner-")
+        with PeakMemory(device) as mem:
+            r = (run_trainer(model, train_ds, tok, args, precision, device) if name == "trainer"
+                 else run_learner(model, data, tok, args, precision, device, variant=variant))
+        r["peak_memory_mb"] = mem.peak
+        model = r.pop("model")
+        r["accuracy"] = test_accuracy(model, test_ds, collate, device, dtype)
+        if held is not None: r["heldout_accuracy"] = test_accuracy(model, held_ds, collate, device, dtype)
         r["samples_per_cpu_s"] = r["samples"] / r["cpu_seconds"]
+        r["mfu"] = flops / r["seconds"] / peak_bf16
         runs[name] = r
         say(f"{name}: {r['samples']:,} samples in {r['seconds']:.1f}s = {r['samples_per_s']:.1f} samples/s "
-            f"({r['cpu_seconds']:.1f} process CPU-s), train loss {r['train_loss']:.4f}, test accuracy {r['accuracy']:.4f}")
+            f"({r['cpu_seconds']:.1f} process CPU-s), train loss {r['train_loss']:.4f}, test accuracy {r['accuracy']:.4f}, "
+            + (f"held-out accuracy {r['heldout_accuracy']:.4f} ({len(held_ds):,}), " if held is not None else "") +
+            f"MFU {100 * r['mfu']:.2f}%, peak memory {r['peak_memory_mb']:,.0f} MB" + (f" [{r['graph_status']}]" if r.get("graph_status", "off") != "off" else ""))
         del model
     load_after = _loadavg()
 
@@ -240,11 +338,12 @@ def main(argv=None):
     ratio = L["samples_per_s"] / T["samples_per_s"]
     cpu_ratio = L["samples_per_cpu_s"] / T["samples_per_cpu_s"]
     say("")
-    say(f"| {'':8} | {'samples/s':>10} | {'train s':>8} | {'samples/CPU-s':>13} | {'test acc':>8} |")
-    say(f"|{'-'*10}|{'-'*12}|{'-'*10}|{'-'*15}|{'-'*10}|")
-    for name, r in (("Learner", L), ("Trainer", T)):
-        say(f"| {name:8} | {r['samples_per_s']:10.1f} | {r['seconds']:8.1f} | {r['samples_per_cpu_s']:13.1f} | {r['accuracy']:8.4f} |")
-    say(f"| {'ratio':8} | {ratio:10.2f} | {'':8} | {cpu_ratio:13.2f} | {L['accuracy'] - T['accuracy']:+8.4f} |")
+    say(f"| {'':28} | {'samples/s':>10} | {'× Trainer':>9} | {'train s':>8} | {'samples/CPU-s':>13} | {'test acc':>8} | {'MFU %':>6} | {'peak MB':>8} |")
+    say(f"|{'-'*30}|{'-'*12}|{'-'*11}|{'-'*10}|{'-'*15}|{'-'*10}|{'-'*8}|{'-'*10}|")
+    for name, r in [*((n, runs[n]) for n in names), ("trainer", T)]:
+        say(f"| {name:28} | {r['samples_per_s']:10.1f} | {r['samples_per_s'] / T['samples_per_s']:9.2f} | {r['seconds']:8.1f} | "
+            f"{r['samples_per_cpu_s']:13.1f} | {r['accuracy']:8.4f} | {100 * r['mfu']:6.2f} | {r['peak_memory_mb']:8,.0f} |")
+    say(f"| {'Learner (eager) − Trainer':28} | {'':10} | {ratio:9.2f} | {'':8} | {cpu_ratio:13.2f} | {L['accuracy'] - T['accuracy']:+8.4f} | {'':6} | {'':8} |")
     say(f"(load average before {load_before}, after {load_after}; on a shared machine a high load makes wall-clock rates noisy)")
     if args.json:
         import accelerate
@@ -254,11 +353,18 @@ def main(argv=None):
                    trainer_group_by_length=args.trainer_group_by_length, torch_threads=torch.get_num_threads(),
                    learner_samples_per_s=L["samples_per_s"], trainer_samples_per_s=T["samples_per_s"], ratio=ratio,
                    learner_accuracy=L["accuracy"], trainer_accuracy=T["accuracy"],
+                   learner_heldout_accuracy=L.get("heldout_accuracy"), trainer_heldout_accuracy=T.get("heldout_accuracy"),
                    learner_train_s=L["seconds"], trainer_train_s=T["seconds"],
                    learner_cpu_s=L["cpu_seconds"], trainer_cpu_s=T["cpu_seconds"], cpu_ratio=cpu_ratio,
                    learner_train_loss=L["train_loss"], trainer_train_loss=T["train_loss"],
                    learner_library_samples_per_s=L.get("library_samples_per_s"), trainer_train_runtime=T.get("train_runtime"),
-                   load_before=load_before, load_after=load_after,
+                   load_before=load_before, load_after=load_after, train_flops=flops, bf16_matmul_peak_flops=peak_bf16,
+                   learner_mfu=L["mfu"], trainer_mfu=T["mfu"], learner_peak_memory_mb=L["peak_memory_mb"],
+                   trainer_peak_memory_mb=T["peak_memory_mb"],
+                   variants={n: dict(samples_per_s=r["samples_per_s"], ratio=r["samples_per_s"] / T["samples_per_s"],
+                                     accuracy=r["accuracy"], heldout_accuracy=r.get("heldout_accuracy"), train_s=r["seconds"], cpu_s=r["cpu_seconds"], mfu=r["mfu"],
+                                     peak_memory_mb=r["peak_memory_mb"], train_loss=r["train_loss"],
+                                     graph_status=r.get("graph_status")) for n, r in runs.items()},
                    python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                    accelerate=accelerate.__version__, numpy=np.__version__, platform=platform.platform())
         print(json.dumps(out), flush=True)

@@ -26,7 +26,7 @@ from .card import model_metadata, write_card
 from .core import (PRECISION_CHOICES, atomic_write, autocast_dtype, check_choice, check_fraction, check_nonnegative,
                               check_positive, check_seed, cpu_state_dict, get_device, needs_loss_scaling, patch_to, pid_alive,
                               precision_name, rng_state, say, set_rng_state, set_seed, warn)
-from .data import DynamicBatchSampler
+from .data import Collator, DynamicBatchSampler, length_buckets
 from .events import (EVENTS, CancelBatchException, CancelEpochException, CancelFitException, CancelStepException, Callback,
                                 check_event_names)   # EVENTS and Callback re-exported: code written for 0.1 imports them from here
 from .metrics import score
@@ -35,11 +35,12 @@ from .peft import AdaLoRABudget, adapter_kind, merged_model, save_adapter
 from .predict import Predictor
 
 # %% auto #0
-__all__ = ['HPARAMS', 'SCHEDULES', 'STOP_SIGNALS', 'HParam', 'register_hparam', 'live_hparams', 'register_schedule',
-           'linear_schedule', 'cosine_schedule', 'one_cycle_schedule', 'constant_schedule', 'cosine_with_restarts',
-           'schedule_factor', 'check_schedule', 'Change', 'HParams', 'param_groups', 'fused_supported',
-           'make_optimizer', 'NonFiniteLossError', 'Learner', 'ModelWeights', 'TrainableWeights', 'TrainingProgress',
-           'RNGState', 'remove_stale_saves', 'find_checkpoint', 'read_checkpoint_state', 'checkpoint_progress']
+__all__ = ['HPARAMS', 'SCHEDULES', 'GRAPH_BLOCKING_EVENTS', 'STOP_SIGNALS', 'HParam', 'register_hparam', 'live_hparams',
+           'register_schedule', 'linear_schedule', 'cosine_schedule', 'one_cycle_schedule', 'constant_schedule',
+           'cosine_with_restarts', 'schedule_factor', 'check_schedule', 'Change', 'HParams', 'param_groups',
+           'fused_supported', 'make_optimizer', 'NonFiniteLossError', 'Learner', 'GraphCaptureError', 'StepGraphs',
+           'ModelWeights', 'TrainableWeights', 'TrainingProgress', 'RNGState', 'remove_stale_saves', 'find_checkpoint',
+           'read_checkpoint_state', 'checkpoint_progress']
 
 # %% ../nbs/04_learner.ipynb #38c8f9ae
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ def _whole(name, v): return check_positive(name, v, integer=True)
 def _dropout(name, v): return None if v is None else check_fraction(name, v)
 def _apply_dropout(learn, p): set_dropout(learn.model, p)
 def _read_dropout(learn): return model_dropout(learn.model)
+_GRAPH_MODES = {"on": "on", "off": "off", "auto": "auto", "true": "on", "false": "off"}
+def _graphs_mode(name, v):
+    key = ("on" if v else "off") if isinstance(v, bool) else str(v).lower()
+    if key not in _GRAPH_MODES: raise ValueError(f"{name} must be 'on', 'off' or 'auto' (or True / False), got {v!r}")
+    return _GRAPH_MODES[key]
 
 # %% ../nbs/04_learner.ipynb #2b82a850
 SCHEDULES = {}   # name -> f(progress, warmup) -> scale in [0, 1]
@@ -154,6 +160,8 @@ for _builtin in [
            cli=dict(metavar="NAME")),
     HParam("dropout", None, _dropout, "every dropout probability of the model (default: the model's own)",
            live=True, apply=_apply_dropout, cli=dict(type=float, metavar="P"), widget=("float", 0.0, 0.5, 0.05), read=_read_dropout),
+    HParam("cuda_graphs", "off", _graphs_mode, "capture the training step as CUDA graphs: on, off, or auto (on where nothing stands in the way)",
+           cli=dict(choices=("on", "off", "auto"))),
 ]: register_hparam(_builtin)
 
 # %% ../nbs/04_learner.ipynb #dbfa420e
@@ -305,7 +313,8 @@ def make_optimizer(model:torch.nn.Module, hp:HParams, device:torch.device) -> to
     groups = param_groups(model, hp.weight_decay)
     if not groups[0]["params"] and not groups[1]["params"]:
         raise ValueError("the model has no trainable parameters: unfreeze some (see `models.unfreeze`).")
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    capturable = fused and device.type == "cuda" and hp.cuda_graphs != "off"     # its step count on the device, for CUDA graphs
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused, capturable=capturable)
 
 # %% ../nbs/04_learner.ipynb #967c6acb
 class NonFiniteLossError(RuntimeError): "Too many optimizer steps in a row had a NaN or infinite loss or gradient."
@@ -358,6 +367,7 @@ class Learner:
         self.default_cbs = default_cbs
         self.resume_command = None        # how to resume, said when a run is stopped: e.g. a command line with "{path}" in it
         self.opt = self.sampler = self.scaler = None
+        self._graphs, self.graph_status = None, "off"   # see `graph_blockers`: 'off', 'graphs' or 'eager: <why>'
         self.dtype = autocast_dtype(self.device, self.hp.precision)
         self.step = self.epoch = self.batches = self.samples_seen = self._micro = self.skipped_steps = 0
         self.train_loss, self.lr_now, self.grad_norm, self.metrics = float("nan"), 0.0, None, {}
@@ -449,6 +459,7 @@ def fit(self,
     if resume is None and self.step == 0 and self.batches == 0: set_seed(self.hp.seed)
     self._stop_requested, self.stop_reason, self.stop_signal, self.interrupted, self.error = False, None, None, False, None
     self._add_default_cbs()
+    self._setup_graphs()
     for name in HPARAMS: self._apply_hparam(name)
     previous_handlers = self._install_signals()
     self.hp._live = True
@@ -524,12 +535,14 @@ def _run_batch(self, indices:list):
     mine = self._shard(indices)
     n_global = len(indices)
     examples = [self.train_ds[i] for i in mine] or [dict(self.train_ds[indices[0]], label=self.task.pad_target)]
-    self.batch = self.collate(examples)
+    self.batch = self.graph_collate(examples) if self._graphs is not None else self.collate(examples)
     self.batches += 1
     try:
         self._call("before_batch")
         oom = False
-        try: self._forward_backward(self.batch, n_global)
+        try:
+            if self._graphs is not None: self._graph_forward_backward(self.batch, n_global)
+            else: self._forward_backward(self.batch, n_global)
         except torch.OutOfMemoryError: oom = True      # retry outside `except`: its traceback pins the failed activations
         if oom: self._retry_smaller(n_global)
         self._micro += 1
@@ -561,6 +574,15 @@ def _forward_backward(self, batch:dict, n_global:int):
     last_micro = self._micro + 1 >= self.hp.grad_accum
     with (self.accelerator.no_sync(self.ddp_model) if self.accelerator is not None and not last_micro else nullcontext()):
         scaled.backward()
+    self._call("after_backward")
+
+@patch_to(Learner)
+def _graph_forward_backward(self, batch:dict, n_global:int):
+    "`_forward_backward` replayed from a CUDA graph; if capturing fails, the batch runs eagerly and so does the rest of training."
+    try: self._graphs.forward_backward(batch, n_global)
+    except GraphCaptureError as e:
+        self._graphs_failed(str(e))
+        return self._forward_backward(batch, n_global)
     self._call("after_backward")
 
 @patch_to(Learner)
@@ -603,35 +625,45 @@ def lr_at(self,
 def _optimizer_step(self):
     "Clip, set the live learning rate and weight decay, and step; a non-finite step is skipped on the device."
     hp = self.hp.snapshot()
+    replayed = False
     try:
         self.lr_now = hp["lr"] * schedule_factor(hp["schedule"], self.progress, hp["warmup"])
         self._call("before_step")                          # a callback may still change `self.lr_now` here
-        if self.scaler is not None: self.scaler.unscale_(self.opt)
-        params = [p for g in self.opt.param_groups for p in g["params"]]
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(params, hp["max_grad_norm"] or float("inf"), foreach=True)
-        ok = torch.isfinite(self.grad_norm)
-        for g in self.opt.param_groups:
-            if torch.is_tensor(g["lr"]): g["lr"].fill_(self.lr_now)
-            else: g["lr"] = self.lr_now
-        self.opt.param_groups[0]["weight_decay"] = hp["weight_decay"]
-        if self.scaler is not None:
-            self.scaler.step(self.opt); self.scaler.update()
-        elif self.opt.defaults.get("fused"):
-            self.opt.found_inf = (~ok).float(); self.opt.grad_scale = None
-            self.opt.step()
-            del self.opt.found_inf, self.opt.grad_scale
-        elif ok.item():                                    # no fused kernel here (e.g. MPS): the host decides
-            self.opt.step()
-        self._bad = torch.where(ok, 0, self._bad + 1)
-        self._skipped += (~ok).long()
+        if self._graphs is not None:
+            try:
+                self._graphs.optimizer_step(self.lr_now, hp["max_grad_norm"], hp["weight_decay"])   # zeroes the gradients too
+                replayed = True
+            except GraphCaptureError as e: self._graphs_failed(str(e))
+        if not replayed: self._eager_step(hp)
         self.step += 1
         self._call("after_step")
     except CancelStepException:
         self._call("after_cancel_step")
     finally:
-        self.opt.zero_grad(set_to_none=True)
+        if not replayed: self.opt.zero_grad(set_to_none=self._graphs is None)   # the graphs keep their gradient tensors
         self._micro = 0
     if self.step % self.sync_every == 0: self._sync()
+
+@patch_to(Learner)
+def _eager_step(self, hp:dict):
+    if self.scaler is not None: self.scaler.unscale_(self.opt)
+    params = [p for g in self.opt.param_groups for p in g["params"]]
+    self.grad_norm = torch.nn.utils.clip_grad_norm_(params, hp["max_grad_norm"] or float("inf"), foreach=True)
+    ok = torch.isfinite(self.grad_norm)
+    for g in self.opt.param_groups:
+        if torch.is_tensor(g["lr"]): g["lr"].fill_(self.lr_now)
+        else: g["lr"] = self.lr_now
+    self.opt.param_groups[0]["weight_decay"] = hp["weight_decay"]
+    if self.scaler is not None:
+        self.scaler.step(self.opt); self.scaler.update()
+    elif self.opt.defaults.get("fused"):
+        self.opt.found_inf = (~ok).float(); self.opt.grad_scale = None
+        self.opt.step()
+        del self.opt.found_inf, self.opt.grad_scale
+    elif ok.item():                                    # no fused kernel here (e.g. MPS): the host decides
+        self.opt.step()
+    self._bad.copy_(torch.where(ok, 0, self._bad + 1))
+    self._skipped += (~ok).long()
 
 @patch_to(Learner, as_prop=True)
 def progress(self) -> float:
@@ -671,6 +703,172 @@ def samples_seen_this_fit(self) -> int:
 def train_seconds(self) -> float:
     "Seconds spent on training batches in the current (or last) `fit`: evaluation, checkpoints and callbacks between batches left out."
     return self._train_time
+
+# %% ../nbs/04_learner.ipynb #9a1c0e01
+class GraphCaptureError(RuntimeError): "Capturing the training step as a CUDA graph failed (the Learner then goes on eagerly)."
+
+GRAPH_BLOCKING_EVENTS = ("after_pred", "after_loss")   # callbacks there may change what the captured step computes
+
+@patch_to(Learner)
+def graph_blockers(self) -> list:
+    "Why this run's training step cannot be captured as CUDA graphs (an empty list: it can)."
+    why = []
+    if self.device.type != "cuda": why.append(f"CUDA graphs need a CUDA device, and this run is on {self.device.type}")
+    if self.world > 1: why.append(f"this run has {self.world} processes, and the gradient all-reduce between them is not captured")
+    if self.dtype == torch.float16: why.append("fp16 needs a loss scaler that decides on the host; use precision='bf16' or 'fp32'")
+    hooked = sorted({f"{type(cb).__name__}.{e}" for cb in self.cbs for e in GRAPH_BLOCKING_EVENTS if getattr(cb, e, None) is not None})
+    if hooked: why.append(f"these callbacks change the prediction or the loss inside the step: {', '.join(hooked)}")
+    return why
+
+@patch_to(Learner)
+def graph_collate(self, examples:list) -> dict:
+    "Collate `examples` the way the captured step needs them: lengths padded up to a few buckets, rows up to the batch size."
+    rows = max(len(examples), self.hp.batch_size)
+    c = self.collate
+    if not isinstance(c, Collator): return c(examples)     # e.g. images: their shape is already fixed
+    if getattr(self, "_graph_buckets", None) is None:
+        buckets = c.buckets or length_buckets(self.train_ds.lengths, n_buckets=8, multiple=16)
+        self._graph_buckets = sorted({min(b, c.max_length) if c.max_length else b for b in buckets})
+    return Collator(c.pad_token_id, c.multiple, rows, self._graph_buckets, c.max_length, c.task)(examples)
+
+@patch_to(Learner)
+def _setup_graphs(self):
+    "At the start of `fit`: capture the step as CUDA graphs if `hp.cuda_graphs` asks for it and nothing stands in the way."
+    self._graphs = None
+    mode = self.hp.cuda_graphs
+    if mode == "off": self.graph_status = "off"; return
+    why = self.graph_blockers()
+    if why:
+        self.graph_status = "eager: " + "; ".join(why)
+        if mode == "on": warn(f"cuda_graphs='on', but the step runs eagerly: {'; '.join(why)}.")
+        return
+    self._graphs = StepGraphs(self)
+    self.graph_status = "graphs"
+
+@patch_to(Learner)
+def _graphs_failed(self, why:str):
+    "Capture did not work: say why, drop the graphs and go on eagerly (the gradients summed so far are kept; the batch or step is redone)."
+    self._graphs = None
+    self.graph_status = f"eager: capture failed ({why})"
+    warn(f"the training step could not be captured as a CUDA graph ({why}); training goes on without graphs.")
+    if self.device.type == "cuda": torch.cuda.empty_cache()
+
+class StepGraphs:
+    "A Learner's training step as CUDA graphs: one forward-backward graph per batch shape, one optimizer-step graph."
+    def __init__(self, learn:Learner):
+        self.learn, self.pool = learn, torch.cuda.graph_pool_handle()
+        self.micro, self.step_graph, self.step_key, self.captures = {}, None, None, 0
+        dev = learn.device
+        self.scale, self.inv_accum = torch.ones((), device=dev), torch.ones((), device=dev)   # read by the graphs, filled per batch
+        self.found_inf, self.norm = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        self._bind()
+
+    def _bind(self):
+        "Own every tensor the graphs touch: gradients (zeroed, never freed), learning rates, optimizer state."
+        L = self.learn
+        self.opt, self.params = L.opt, [p for g in L.opt.param_groups for p in g["params"]]
+        for p in self.params: p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+        self.grads = [p.grad for p in self.params]
+        for g in L.opt.param_groups:
+            g["capturable"] = True
+            if not torch.is_tensor(g["lr"]): g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=L.device)
+        self.lrs = [g["lr"] for g in L.opt.param_groups]
+        L.opt.found_inf, L.opt.grad_scale = torch.ones((), device=L.device), None
+        L.opt.step()                                    # with found_inf set: makes missing state, loads the kernel, changes nothing
+        del L.opt.found_inf, L.opt.grad_scale
+        self.state = self._state()
+        self.micro, self.step_graph, self.step_key = {}, None, None
+
+    def _state(self) -> list: return [t for p in self.params for t in self.opt.state[p].values() if torch.is_tensor(t)]
+
+    def _check(self):
+        "Rebind (and so recapture) if something replaced a tensor the graphs hold: a new optimizer, a loaded optimizer state."
+        L = self.learn
+        state = self._state() if L.opt is self.opt else []
+        stale = (L.opt is not self.opt or len(state) != len(self.state) or any(a is not b for a, b in zip(state, self.state))
+                 or any(g["lr"] is not t for g, t in zip(L.opt.param_groups, self.lrs)))
+        for p, g in zip(self.params, self.grads):
+            if stale: break
+            if p.grad is None: p.grad = g.zero_()      # set to None (an interrupt's clean-up): the same tensor again, zeroed
+            elif p.grad is not g: stale = True
+        if stale: self._bind()
+
+    def _region(self, ins:dict):
+        "The forward pass and the loss, on the static inputs."
+        L = self.learn
+        inputs = dict(ins); targets = inputs.pop("labels")
+        with torch.autocast(L.device.type, dtype=L.dtype, enabled=L.dtype != torch.float32, cache_enabled=False):
+            pred = model_outputs(L.ddp_model(**inputs))
+        total, n = L.task.loss(pred, targets)
+        return pred, total, n, total * self.scale
+
+    def _capture_micro(self, batch:dict):
+        L, dev = self.learn, self.learn.device
+        ins = {k: v.to(dev).clone() for k, v in batch.items()}
+        saved = [b.detach().clone() for b in L.model.buffers()]      # e.g. batch-norm statistics: the warm-up must not move them
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.random.fork_rng(devices=[dev]):
+            for _ in range(2):                                       # lazy kernel set-up happens here, not inside the capture
+                loss = self._region(ins)[3]
+                torch.autograd.grad(loss, self.params, allow_unused=True)   # no .grad touched
+        torch.cuda.current_stream(dev).wait_stream(side)
+        with torch.no_grad():
+            for b, s in zip(L.model.buffers(), saved): b.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.random.fork_rng(devices=[dev]), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            pred, total, n, loss = self._region(ins)
+            finite = torch.isfinite(loss)
+            L._loss_sum.add_(torch.where(finite, total, 0.0))
+            L._loss_n.add_(torch.where(finite, n, 0).float())
+            (loss * self.inv_accum).backward()
+        self.captures += 1
+        return graph, ins, dict(pred=pred, loss=loss)
+
+    def forward_backward(self, batch:dict, n_global:int):
+        "One batch's forward, loss and backward (gradients add up), replayed; captured first for a new shape."
+        L = self.learn
+        self._check()
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items())) + (L.hp.dropout,)
+        if key not in self.micro:
+            try: self.micro[key] = self._capture_micro(batch)
+            except Exception as e: raise GraphCaptureError(f"{type(e).__name__}: {e}") from e
+        graph, ins, outs = self.micro[key]
+        for k, v in batch.items(): ins[k].copy_(v, non_blocking=True)
+        L.loss_scale = L.world / max(n_global, 1)
+        self.scale.fill_(L.loss_scale); self.inv_accum.fill_(1 / L.hp.grad_accum)
+        graph.replay()
+        L.pred, L.loss = outs["pred"], outs["loss"]
+
+    def _capture_step(self, max_norm:float, weight_decay:float):
+        L = self.learn
+        L.opt.param_groups[0]["weight_decay"] = weight_decay
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):   # a dashboard thread may use CUDA meanwhile
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm or float("inf"), foreach=True)
+            ok = torch.isfinite(norm)
+            self.found_inf.copy_((~ok).float())
+            L.opt.found_inf, L.opt.grad_scale = self.found_inf, None
+            L.opt.step()
+            del L.opt.found_inf, L.opt.grad_scale
+            self.norm.copy_(norm)
+            L._bad.copy_(torch.where(ok, 0, L._bad + 1))
+            L._skipped.add_((~ok).long())
+            L.opt.zero_grad(set_to_none=False)
+        self.captures += 1
+        self.step_graph, self.step_key = graph, (max_norm, weight_decay)
+
+    def optimizer_step(self, lr:float, max_norm:float, weight_decay:float):
+        "Clip, the AdamW update (skipped on the device when the gradients are not finite) and zeroed gradients, replayed."
+        self._check()
+        if self.step_graph is None or self.step_key != (max_norm, weight_decay):
+            try: self._capture_step(max_norm, weight_decay)
+            except Exception as e: raise GraphCaptureError(f"{type(e).__name__}: {e}") from e
+        for t in self.lrs: t.fill_(lr)
+        self.step_graph.replay()
+        self.learn.grad_norm = self.norm
+
+    def __repr__(self): return f"StepGraphs({len(self.micro)} batch shapes, {self.captures} captures)"
 
 # %% ../nbs/04_learner.ipynb #a5fd7fec
 @patch_to(Learner)

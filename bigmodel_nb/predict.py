@@ -126,6 +126,12 @@ def encode(self, texts:Sequence[str]) -> list:
                           return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
 @patch_to(Predictor)
+def text_collator(self) -> Collator:
+    "How token ids become a batch here: padded to the batch's longest, rounded up to a multiple of 8 on a GPU (its matrix units like that), not rounded on a CPU (where each padded position costs time)."
+    return Collator(self.tokenizer.pad_token_id, pad_to_multiple_of=None if self.device.type == "cpu" else 8,
+                    max_length=self.max_length, task=self.task)
+
+@patch_to(Predictor)
 def outputs(self, texts:Sequence[str], batch_size:int|None=None) -> torch.Tensor:
     "The model's outputs (logits) for `texts` (or images, when the tokenizer is an image processor), in their order, on the CPU."
     prepare = getattr(self.tokenizer, "predict_items", None)    # an image processor turns its own inputs into examples
@@ -136,7 +142,7 @@ def outputs(self, texts:Sequence[str], batch_size:int|None=None) -> torch.Tensor
     ids = self.encode(texts)
     if not ids: return torch.empty(0)
     items = [{"input_ids": x, "label": self.task.pad_target} for x in ids]
-    collate = Collator(self.tokenizer.pad_token_id, max_length=self.max_length, task=self.task)
+    collate = self.text_collator()
     return self.run(items, [len(x) for x in ids], collate, batch_size=batch_size)
 
 @patch_to(Predictor)
@@ -174,7 +180,7 @@ def embed(self,
     ids = self.encode(texts)
     if not ids: return torch.empty(0, 0)
     items = [{"input_ids": x, "label": self.task.pad_target} for x in ids]
-    collate = Collator(self.tokenizer.pad_token_id, max_length=self.max_length, task=self.task)
+    collate = self.text_collator()
     emb = self.run(items, [len(x) for x in ids], collate, batch_size=batch_size,
                    fn=lambda batch: self._batch_embeddings(batch, pooling))
     return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb

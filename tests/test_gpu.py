@@ -134,26 +134,115 @@ def test_real_out_of_memory_halves_the_batch_and_loses_nothing():
     assert learn.samples_seen == len(learn.train_ds) and math.isfinite(learn.history[-1]["train_loss"])
 
 
+class StopAt7(Callback):
+    def after_step(self):
+        if self.learn.step == 7: self.learn.stop()
+
+
+def stop_and_resume(tmp_path, tiny_bert_dir, data, **hp):
+    "An unbroken run; the same run stopped at step 7 (a checkpoint is written); a fresh Learner resumed from it. And the largest weight difference."
+    def make(cbs=(), out=None):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+        return Learner(model, data, HParams(epochs=2, lr=1e-3, batch_size=16, seed=5, **hp), cbs=list(cbs), device=DEV,
+                       progress=False, out_dir=out)
+    full = make(); full.fit(); want = params(full.model)
+    part = make([StopAt7()], tmp_path); part.fit()
+    again = make(out=tmp_path); again.fit(resume=tmp_path / "checkpoint")
+    diff = max((want[k].float() - v.float()).abs().max().item() for k, v in params(again.model).items())
+    return full, part, again, diff
+
+
 @cuda_only
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_checkpoint_resume_on_cuda_continues_the_run(tmp_path, tiny_bert_dir, movie_data, precision):
     "Stop at step 7 (a checkpoint is written), resume in a fresh Learner: the weights match an unbroken run (fp16: the loss scaler's state too)."
-    class StopAt(Callback):
-        def after_step(self):
-            if self.learn.step == 7: self.learn.stop()
-    def make(cbs=(), out=None):
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
-        return Learner(model, movie_data, HParams(epochs=2, lr=1e-3, batch_size=16, precision=precision, seed=5),
-                       cbs=list(cbs), device=DEV, progress=False, out_dir=out)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        full = make(); full.fit(); want = params(full.model)
-        part = make([StopAt()], tmp_path); part.fit()
-        again = make(out=tmp_path); again.fit(resume=tmp_path / "checkpoint")
-    finally:
-        torch.use_deterministic_algorithms(False)
-    diff = max((want[k].float() - v.float()).abs().max().item() for k, v in params(again.model).items())
+    try: full, part, again, diff = stop_and_resume(tmp_path, tiny_bert_dir, movie_data, precision=precision)
+    finally: torch.use_deterministic_algorithms(False)
     report("resume on cuda", precision=precision, max_abs_diff=diff)
     assert part.interrupted and part.step == 7 and again.step == full.step and diff < 1e-4
     if precision == "fp16": assert again.scaler.get_scale() == full.scaler.get_scale() and "scaler" in again.states
+
+
+# ---- CUDA graphs (HParams(cuda_graphs="on")) -------------------------------------------------------------------
+class LossLog(Callback):
+    "Every batch's loss, read after the batch (a host sync per batch: fine in a test)."
+    order = 50
+    def before_fit(self): self.losses = []
+    def after_batch(self): self.losses.append(float(self.learn.loss))
+
+
+class Steer(Callback):
+    "A live learning-rate change at step 3 and a batch-size change at step 5, as the dashboard would make them."
+    def after_step(self):
+        if self.learn.step == 3: self.learn.hp.set(lr=3e-4, source="dashboard")
+        if self.learn.step == 5: self.learn.hp.set(batch_size=8, source="dashboard")
+
+
+def graph_pair(tiny_bert_dir, data, precision, cbs=()):
+    "The same run twice: captured as CUDA graphs, then eagerly on the very same padded batches."
+    from bigmodel_nb.data import Collator
+    def make(mode, collate=None):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+        log = LossLog()
+        learn = Learner(model, data, HParams(epochs=2, lr=1e-3, batch_size=16, precision=precision, seed=3, cuda_graphs=mode),
+                        cbs=[log, *[type(c)() for c in cbs]], device=DEV, progress=False, collate=collate)
+        learn.fit()
+        return learn, log.losses
+    graphed, g_losses = make("on")
+    c = graphed.collate
+    # eager with the graphs' padding: rows up to the batch size in effect, lengths up to the same buckets
+    class Padded:
+        def __init__(self, learn): self.learn = learn
+        def __call__(self, ex):
+            rows = max(len(ex), self.learn.hp.batch_size)
+            return Collator(c.pad_token_id, c.multiple, rows, graphed._graph_buckets, c.max_length, c.task)(ex)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    log = LossLog()
+    eager = Learner(model, data, HParams(epochs=2, lr=1e-3, batch_size=16, precision=precision, seed=3),
+                    cbs=[log, *[type(cb)() for cb in cbs]], device=DEV, progress=False)
+    eager.collate = Padded(eager)
+    eager.fit()
+    return graphed, g_losses, eager, log.losses
+
+
+@cuda_only
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("bf16", 3e-2)])
+def test_cuda_graphs_give_the_eager_losses(tiny_bert_dir, movie_data, precision, tol):
+    graphed, g, eager, e = graph_pair(tiny_bert_dir, movie_data, precision)
+    worst = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(g, e))
+    wdiff = max((p - q).abs().max().item() for p, q in zip(graphed.model.parameters(), eager.model.parameters()))
+    report("cuda graphs vs eager", precision=precision, steps=graphed.step, captures=graphed._graphs.captures,
+           shapes=len(graphed._graphs.micro), worst_rel_loss=worst, max_weight_diff=wdiff)
+    assert graphed.graph_status == "graphs" and graphed._graphs.captures >= 2
+    assert len(g) == len(e) == graphed.batches and worst < tol
+    assert graphed.samples_seen == eager.samples_seen == 2 * len(graphed.train_ds)
+
+
+@cuda_only
+def test_cuda_graphs_follow_live_lr_and_batch_size_changes(tiny_bert_dir, movie_data):
+    graphed, g, eager, e = graph_pair(tiny_bert_dir, movie_data, "fp32", cbs=[Steer()])
+    rows = {k[0][1][0] for k in graphed._graphs.micro}                # the row counts of the captured shapes
+    worst = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(g, e))
+    report("cuda graphs, live changes", captures=graphed._graphs.captures, rows=str(sorted(rows)), worst_rel_loss=worst)
+    assert [(c.name, c.new) for c in graphed.hp.log] == [("lr", 3e-4), ("batch_size", 8)]
+    assert rows == {16, 8} and len(g) == len(e) and worst < 1e-4
+
+
+@cuda_only
+def test_cuda_graphs_resume_exactly(tmp_path, tiny_bert_dir, movie_data):
+    "Stop at step 7, resume in a fresh Learner, both with graphs: the weights equal those of an unbroken graph run."
+    full, part, again, diff = stop_and_resume(tmp_path, tiny_bert_dir, movie_data, precision="bf16", cuda_graphs="on")
+    report("cuda graphs resume", max_abs_diff=diff, status=again.graph_status)
+    assert part.interrupted and part.step == 7 and again.step == full.step and again.graph_status == "graphs" and diff < 1e-4
+
+
+@cuda_only
+def test_cuda_graphs_fall_back_with_a_reason_in_fp16(tiny_bert_dir, movie_data):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    learn = Learner(model, movie_data, HParams(epochs=1, batch_size=16, precision="fp16", cuda_graphs="on"), device=DEV, progress=False)
+    with pytest.warns(UserWarning, match="fp16 needs a loss scaler"): learn.fit()
+    assert learn.graph_status.startswith("eager: fp16") and learn.samples_seen == len(learn.train_ds)

@@ -310,3 +310,56 @@ def test_progress_in_a_saved_notebook_ends_at_its_final_state(tiny_bert_dir, tmp
     assert len(bars) == 1 and "100%" in bars[0]["data"]["text/plain"] and "epoch 2/2" in bars[0]["data"]["text/plain"], bars
     assert len(tables) == 1 and tables[0]["data"]["text/html"].count("<tr>") == 3      # header and one row per epoch
     assert not [o for o in outs if o.get("name") == "stdout" and "train_loss" in o.get("text", "")]    # no text rows besides
+
+
+# ---- CUDA graphs: what a CPU can check (the replays themselves are in test_gpu.py) -------------------------------
+def test_cuda_graphs_setting_accepts_on_off_auto_and_explains_the_rest():
+    assert [HParams(cuda_graphs=v).cuda_graphs for v in (True, False, "auto", "ON", "off")] == ["on", "off", "auto", "on", "off"]
+    assert HParams().cuda_graphs == "off"
+    with pytest.raises(ValueError, match="cuda_graphs must be 'on', 'off' or 'auto'"): HParams(cuda_graphs="fast")
+
+
+def test_cuda_graphs_on_a_cpu_say_why_and_train_exactly_as_eager(make):
+    eager = make(dict(epochs=1)); eager.fit()
+    asked = make(dict(epochs=1, cuda_graphs="on"))
+    with pytest.warns(UserWarning, match="cuda_graphs='on', but the step runs eagerly: CUDA graphs need a CUDA device"):
+        asked.fit()
+    assert asked.graph_status.startswith("eager: CUDA graphs need a CUDA device") and asked._graphs is None
+    assert same(params(eager), params(asked))
+    quiet = make(dict(epochs=1, cuda_graphs="auto"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # 'auto' falls back without a word
+        quiet.fit()
+    assert quiet.graph_status.startswith("eager:")
+
+
+def test_graph_blockers_name_every_reason(make):
+    class Distill(Callback):
+        def after_loss(self): pass
+    learn = make(dict(precision="fp16"), cbs=[Distill()])
+    why = learn.graph_blockers()
+    assert any("cpu" in w for w in why) and any("fp16" in w for w in why) and any("Distill.after_loss" in w for w in why)
+
+
+def test_graph_batches_have_fixed_shapes_and_the_same_loss_and_gradients(make):
+    "Bucketed lengths and rows padded to the batch size: the loss and every gradient equal the plain batch's."
+    from bigmodel_nb.data import DynamicBatchSampler
+    learn = make(dict(batch_size=16), dropout=0.0)
+    ds = learn.train_ds
+    def loss_and_grads(batch):
+        learn.model.zero_grad()
+        out = learn.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total, n = learn.task.loss(out, batch["labels"])
+        (total / n).backward()
+        return float((total / n).detach()), [p.grad.clone() for p in learn.model.parameters() if p.grad is not None]
+    examples = [ds[i] for i in range(11)]                  # a short batch: 5 padding rows
+    plain, fixed = learn.collate(examples), learn.graph_collate(examples)
+    assert fixed["input_ids"].shape == (16, learn._graph_buckets[next(i for i, b in enumerate(learn._graph_buckets) if b >= plain["input_ids"].shape[1])])
+    assert (fixed["labels"][11:] == -100).all() and fixed["attention_mask"][11:].sum() == 0
+    (lp, gp), (lf, gf) = loss_and_grads(plain), loss_and_grads(fixed)
+    assert abs(lp - lf) < 1e-5 and all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(gp, gf))
+    batches = list(DynamicBatchSampler(ds.lengths, batch_size=16, seed=0))
+    shapes = {tuple(learn.graph_collate([ds[i] for i in b])["input_ids"].shape) for b in batches}
+    assert all(b % 16 == 0 or b == ds.lengths.max() for b in learn._graph_buckets) and len(learn._graph_buckets) <= 8
+    assert {r for r, _ in shapes} == {16} and {w for _, w in shapes} <= set(learn._graph_buckets)
