@@ -111,7 +111,8 @@ def test_accuracy(model, ds, collate, device, dtype, batch_size=128) -> float:
 
 def non_embedding_params(model) -> int:
     "Parameters outside the embedding tables: the ones every token multiplies through (the N of 6N)."
-    emb = {id(m.weight) for m in model.modules() if type(m).__name__ == "Embedding"}
+    import torch
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     return sum(p.numel() for p in model.parameters() if id(p) not in emb)
 
 
@@ -125,7 +126,7 @@ def train_flops(model, lengths, epochs) -> float:
     return epochs * float((6 * n * L + 12 * cfg.num_hidden_layers * cfg.hidden_size * L * L).sum())
 
 
-def matmul_peak(device, dtype, threads=None) -> float:
+def matmul_peak(device, dtype) -> float:
     "FLOP/s of a large square matrix product in `dtype` on `device`, best of a few: the peak that MFU divides by."
     import torch
     n = 8192 if device.type == "cuda" else 1024

@@ -368,6 +368,7 @@ class Learner:
         self.resume_command = None        # how to resume, said when a run is stopped: e.g. a command line with "{path}" in it
         self.opt = self.sampler = self.scaler = None
         self._graphs, self.graph_status = None, "off"   # see `graph_blockers`: 'off', 'graphs' or 'eager: <why>'
+        self._graph_buckets = None                      # the padded lengths of `graph_collate`, chosen at its first call
         self.dtype = autocast_dtype(self.device, self.hp.precision)
         self.step = self.epoch = self.batches = self.samples_seen = self._micro = self.skipped_steps = 0
         self.train_loss, self.lr_now, self.grad_norm, self.metrics = float("nan"), 0.0, None, {}
@@ -726,7 +727,7 @@ def graph_collate(self, examples:list) -> dict:
     rows = max(len(examples), self.hp.batch_size)
     c = self.collate
     if not isinstance(c, Collator): return c(examples)     # e.g. images: their shape is already fixed
-    if getattr(self, "_graph_buckets", None) is None:
+    if self._graph_buckets is None:
         buckets = c.buckets or length_buckets(self.train_ds.lengths, n_buckets=8, multiple=16)
         self._graph_buckets = sorted({min(b, c.max_length) if c.max_length else b for b in buckets})
     return Collator(c.pad_token_id, c.multiple, rows, self._graph_buckets, c.max_length, c.task)(examples)
@@ -756,8 +757,7 @@ def _graphs_failed(self, why:str):
 class StepGraphs:
     "A Learner's training step as CUDA graphs: one forward-backward graph per batch shape, one optimizer-step graph."
     def __init__(self, learn:Learner):
-        self.learn, self.pool = learn, torch.cuda.graph_pool_handle()
-        self.micro, self.step_graph, self.step_key, self.captures = {}, None, None, 0
+        self.learn, self.pool, self.captures = learn, torch.cuda.graph_pool_handle(), 0
         dev = learn.device
         self.scale, self.inv_accum = torch.ones((), device=dev), torch.ones((), device=dev)   # read by the graphs, filled per batch
         self.found_inf, self.norm = torch.zeros((), device=dev), torch.zeros((), device=dev)
