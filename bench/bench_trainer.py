@@ -5,7 +5,8 @@ Both get the same initial weights (one model, deep-copied), the same tokenized t
 (from one `TextClassificationData` split), batch size, learning rate, epochs, warmup, weight decay,
 gradient clipping, precision, seed, linear schedule and fused AdamW. Only training is timed (no model
 loading, tokenizing or evaluation); both models are then scored on the test split by the same code.
-The Learner can be timed several ways in the same run (`--variants`): eager, with its step captured as CUDA
+The Learner can be timed several ways in the same run (`--variants`): eager, eager with the last layer run for
+every token (`HParams(first_token=False)`; by default it runs for the first token alone), with its step captured as CUDA
 graphs, with the model compiled by `torch.compile`, and with the word-embedding matrix frozen. Each run also
 reports its MFU (useful FLOPs per second against a bf16 matrix product measured on the spot) and peak memory.
 
@@ -57,7 +58,7 @@ def parse_args(argv=None):
                         "group_by_length=True in 4.x); default: Trainer's default random batches")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--variants", default=None,
-                   help="comma-separated Learner variants to time: eager, graphs (HParams(cuda_graphs='on')), compiled "
+                   help="comma-separated Learner variants to time: eager, full-last-layer (HParams(first_token=False)), graphs (HParams(cuda_graphs='on')), compiled "
                         "(torch.compile of the model), frozen-embeddings (word embedding matrix not trained); "
                         "default: eager on a CPU, eager,graphs on CUDA")
     p.add_argument("--heldout", type=int, default=0,
@@ -175,7 +176,7 @@ def sync(device):
 
 
 # ---- the two runs -----------------------------------------------------------------------------------------------
-VARIANTS = ("eager", "graphs", "compiled", "frozen-embeddings")
+VARIANTS = ("eager", "full-last-layer", "graphs", "compiled", "frozen-embeddings")
 
 def run_learner(model, data, tok, args, precision, device, max_steps=None, variant="eager") -> dict:
     "Train with `Learner`; the clock runs from `before_fit` to `after_fit`, less the per-epoch validations."
@@ -195,7 +196,8 @@ def run_learner(model, data, tok, args, precision, device, max_steps=None, varia
 
     hp = HParams(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, weight_decay=args.weight_decay,
                  warmup=args.warmup, grad_accum=1, max_grad_norm=args.max_grad_norm, precision=precision,
-                 seed=args.seed, schedule="linear", cuda_graphs="on" if variant == "graphs" else "off")
+                 seed=args.seed, schedule="linear", cuda_graphs="on" if variant == "graphs" else "off",
+                 first_token=variant != "full-last-layer")
     if variant == "frozen-embeddings": model.get_input_embeddings().weight.requires_grad_(False)
     trained = torch.compile(model) if variant == "compiled" else model
     clock = Clock()
@@ -204,7 +206,7 @@ def run_learner(model, data, tok, args, precision, device, max_steps=None, varia
     seconds = clock.t1 - clock.t0 - clock.excluded
     out = dict(seconds=seconds, cpu_seconds=clock.c1 - clock.c0 - clock.c_excluded, samples=learn.samples_seen, steps=learn.step,
                samples_per_s=learn.samples_seen / seconds, train_loss=learn.train_loss, model=learn.model,
-               graph_status=learn.graph_status)
+               graph_status=learn.graph_status, first_token_status=learn.first_token_status)
     if learn.history: out["library_samples_per_s"] = learn.history[-1]["samples_per_s"]   # the Learner's own clock
     return out
 
@@ -234,7 +236,8 @@ def run_trainer(model, train_ds, tok, args, precision, device, max_steps=None) -
             use_cpu=device.type == "cpu", group_by_length=args.trainer_group_by_length,
         )
         clock = Clock()
-        collator = DataCollatorWithPadding(tok, pad_to_multiple_of=8, return_tensors="pt")
+        # the library's padding rule on this device: each batch's longest on a CPU, a multiple of 8 on a GPU
+        collator = DataCollatorWithPadding(tok, pad_to_multiple_of=None if device.type == "cpu" else 8, return_tensors="pt")
         trainer = Trainer(model=model, args=targs, train_dataset=TrainerDataset(train_ds), data_collator=collator, callbacks=[clock])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")    # "fast tokenizer: __call__ is faster than pad" and the like
@@ -331,7 +334,8 @@ def main(argv=None):
         say(f"{name}: {r['samples']:,} samples in {r['seconds']:.1f}s = {r['samples_per_s']:.1f} samples/s "
             f"({r['cpu_seconds']:.1f} process CPU-s), train loss {r['train_loss']:.4f}, test accuracy {r['accuracy']:.4f}, "
             + (f"held-out accuracy {r['heldout_accuracy']:.4f} ({len(held_ds):,}), " if held is not None else "") +
-            f"MFU {100 * r['mfu']:.2f}%, peak memory {r['peak_memory_mb']:,.0f} MB" + (f" [{r['graph_status']}]" if r.get("graph_status", "off") != "off" else ""))
+            f"MFU {100 * r['mfu']:.2f}%, peak memory {r['peak_memory_mb']:,.0f} MB" + (f" [{r['graph_status']}]" if r.get("graph_status", "off") != "off" else "")
+            + (f" [last layer: {r['first_token_status']}]" if r.get("first_token_status") not in (None, "on") else ""))
         del model
     load_after = _loadavg()
 
@@ -365,7 +369,7 @@ def main(argv=None):
                    variants={n: dict(samples_per_s=r["samples_per_s"], ratio=r["samples_per_s"] / T["samples_per_s"],
                                      accuracy=r["accuracy"], heldout_accuracy=r.get("heldout_accuracy"), train_s=r["seconds"], cpu_s=r["cpu_seconds"], mfu=r["mfu"],
                                      peak_memory_mb=r["peak_memory_mb"], train_loss=r["train_loss"],
-                                     graph_status=r.get("graph_status")) for n, r in runs.items()},
+                                     graph_status=r.get("graph_status"), first_token_status=r.get("first_token_status")) for n, r in runs.items()},
                    python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                    accelerate=accelerate.__version__, numpy=np.__version__, platform=platform.platform())
         print(json.dumps(out), flush=True)

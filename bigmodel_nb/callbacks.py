@@ -207,8 +207,8 @@ class LRFindResult:
 
     @property
     def suggestion(self) -> float:
-        "The smaller of the steepest point and a tenth of the minimum: the safer choice for fine-tuning."
-        return min(self.steepest, self.minimum / 10)
+        "The smaller of the steepest point and a tenth of the minimum (the safer choice for fine-tuning), never below the smallest rate tried."
+        return max(min(self.steepest, self.minimum / 10), self.lrs[0])
 
     def ylim(self) -> tuple:
         "The loss range worth looking at: from a little below the lowest smoothed loss to a little above the first one; the spike of divergence is cut off."

@@ -1272,6 +1272,7 @@ def hparam_group(cmd, defaults:dict, shown:dict|None=None):
     for name, spec in hparam_flags().items():
         text = (shown or {}).get(name, defaults.get(name))
         text = "the model's own" if text is None else (f"{text:g}" if isinstance(text, float) else text)
+        if isinstance(text, bool): text = "on" if text else "off"                   # a switch's flag takes on/off
         extra = {k: v for k, v in spec.cli.items() if k != "type"}
         kind = {} if "choices" in extra else dict(type=_checked(spec))     # argparse checks a choice itself
         g.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{spec.doc} (default: {text})".replace("%", "%%"), **kind, **extra)

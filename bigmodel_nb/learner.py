@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from .data import Collator, DynamicBatchSampler, length_buckets
 from .events import (EVENTS, CancelBatchException, CancelEpochException, CancelFitException, CancelStepException, Callback,
                                 check_event_names)   # EVENTS and Callback re-exported: code written for 0.1 imports them from here
 from .metrics import score
-from .models import model_dropout, model_outputs, quiet_transformers, set_dropout
+from .models import first_token_blocker, first_token_only, model_dropout, model_outputs, quiet_transformers, set_dropout
 from .peft import AdaLoRABudget, adapter_kind, merged_model, save_adapter
 from .predict import Predictor
 
@@ -78,6 +79,10 @@ def _graphs_mode(name, v):
     key = ("on" if v else "off") if isinstance(v, bool) else str(v).lower()
     if key not in _GRAPH_MODES: raise ValueError(f"{name} must be 'on', 'off' or 'auto' (or True / False), got {v!r}")
     return _GRAPH_MODES[key]
+def _switch(name, v):
+    key = str(v).lower()
+    if key not in ("true", "false", "on", "off"): raise ValueError(f"{name} must be True or False ('on' or 'off'), got {v!r}")
+    return key in ("true", "on")
 
 # %% ../nbs/04_learner.ipynb #2b82a850
 SCHEDULES = {}   # name -> f(progress, warmup) -> scale in [0, 1]
@@ -162,6 +167,8 @@ for _builtin in [
            live=True, apply=_apply_dropout, cli=dict(type=float, metavar="P"), widget=("float", 0.0, 0.5, 0.05), read=_read_dropout),
     HParam("cuda_graphs", "off", _graphs_mode, "capture the training step as CUDA graphs: on, off, or auto (on where nothing stands in the way)",
            cli=dict(choices=("on", "off", "auto"))),
+    HParam("first_token", True, _switch, "compute the last layer for the first token alone where the head reads nothing else (same loss, less work)",
+           cli=dict(choices=("on", "off"))),
 ]: register_hparam(_builtin)
 
 # %% ../nbs/04_learner.ipynb #dbfa420e
@@ -319,6 +326,11 @@ def make_optimizer(model:torch.nn.Module, hp:HParams, device:torch.device) -> to
 # %% ../nbs/04_learner.ipynb #967c6acb
 class NonFiniteLossError(RuntimeError): "Too many optimizer steps in a row had a NaN or infinite loss or gradient."
 
+def _default_collate(data, device:torch.device):
+    "The data's collator; on a CPU it pads each batch to its longest example (a multiple of 8 only helps GPU matrix units)."
+    exact = device.type == "cpu" and "pad_to_multiple_of" in inspect.signature(data.collator).parameters
+    return data.collator(pad_to_multiple_of=None) if exact else data.collator()
+
 class Learner:
     "Fine-tune a model on tokenized `TextData` for the data's task, steered live through `HParams`."
     def __init__(self,
@@ -333,7 +345,7 @@ class Learner:
         max_bad_steps:int=5,            # stop after this many non-finite steps in a row
         progress:bool=True,             # show a progress bar and a metrics table
         keep_good_copy:bool=True,       # keep a CPU copy of the weights at each evaluation, to restore if they break
-        collate=None,                   # how examples become a batch; default `data.collator()` (see below for fixed shapes)
+        collate=None,                   # how examples become a batch; default `data.collator()`, on a CPU padded to each batch's longest
         default_cbs:bool=True,          # add the progress display, and with `out_dir` the CSV history and checkpoints
     ):
         self.hp = hparams if isinstance(hparams, HParams) else HParams(**(hparams or {}))
@@ -349,7 +361,7 @@ class Learner:
         self.data, self.tokenizer, self.task = data, tokenizer if tokenizer is not None else getattr(data, "tokenizer", None), data.task
         self.train_ds = data.dataset("train")
         self.valid_ds = data.dataset("valid") if "valid" in data.splits else None
-        self.collate = collate if collate is not None else data.collator()
+        self.collate = collate if collate is not None else _default_collate(data, self.device)
         head = self.task.head_config()
         config = getattr(model, "config", None)
         if getattr(config, "num_labels", head["num_labels"]) != head["num_labels"]:
@@ -368,6 +380,7 @@ class Learner:
         self.resume_command = None        # how to resume, said when a run is stopped: e.g. a command line with "{path}" in it
         self.opt = self.sampler = self.scaler = None
         self._graphs, self.graph_status = None, "off"   # see `graph_blockers`: 'off', 'graphs' or 'eager: <why>'
+        self.first_token_status = "off"                 # 'on', 'off' or 'full: <why>' (see `_setup_first_token`)
         self._graph_buckets = None                      # the padded lengths of `graph_collate`, chosen at its first call
         self.dtype = autocast_dtype(self.device, self.hp.precision)
         self.step = self.epoch = self.batches = self.samples_seen = self._micro = self.skipped_steps = 0
@@ -460,6 +473,7 @@ def fit(self,
     if resume is None and self.step == 0 and self.batches == 0: set_seed(self.hp.seed)
     self._stop_requested, self.stop_reason, self.stop_signal, self.interrupted, self.error = False, None, None, False, None
     self._add_default_cbs()
+    self._setup_first_token()
     self._setup_graphs()
     for name in HPARAMS: self._apply_hparam(name)
     previous_handlers = self._install_signals()
@@ -556,11 +570,19 @@ def _run_batch(self, indices:list):
         self._train_time += time.perf_counter() - t0
 
 @patch_to(Learner)
+def _setup_first_token(self):
+    "At the start of `fit`: run the last layer for the first token alone if `hp.first_token` asks for it and the model allows it."
+    if not self.hp.first_token: self.first_token_status = "off"; return
+    why = first_token_blocker(self.model)
+    self.first_token_status = "on" if why is None else f"full: {why}"
+
+@patch_to(Learner)
 def _forward_backward(self, batch:dict, n_global:int):
     "Forward in autocast, the task's loss of this process's share, backward (gradients add up across calls)."
     batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
     targets = batch.pop("labels")
-    with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+    with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32), \
+         first_token_only(self.model, self.first_token_status == "on"):
         self.pred = model_outputs(self.ddp_model(**batch))
     self._call("after_pred")
     total, n = self.task.loss(self.pred, targets)
@@ -580,7 +602,8 @@ def _forward_backward(self, batch:dict, n_global:int):
 @patch_to(Learner)
 def _graph_forward_backward(self, batch:dict, n_global:int):
     "`_forward_backward` replayed from a CUDA graph; if capturing fails, the batch runs eagerly and so does the rest of training."
-    try: self._graphs.forward_backward(batch, n_global)
+    try:
+        with first_token_only(self.model, self.first_token_status == "on"): self._graphs.forward_backward(batch, n_global)
     except GraphCaptureError as e:
         self._graphs_failed(str(e))
         return self._forward_backward(batch, n_global)

@@ -10,6 +10,8 @@ import fnmatch
 import os
 import re
 import sys
+import types
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +31,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from .tasks import ClassificationTask, Task, get_task
 
 # %% auto #0
-__all__ = ['TORCHAO_NOTICES', 'ATTENTION_KINDS', 'BERT_FAMILY', 'OPTIMIZERS', 'LabelError', 'head_labels', 'ModelNotFoundError',
-           'LabelMismatchError', 'DamagedModelError', 'NewHeadWarning', 'RandomBodyWarning', 'quiet_transformers',
-           'set_dropout', 'model_dropout', 'load_classifier', 'load_tokenizer', 'model_outputs', 'mean_pool',
-           'count_parameters', 'parameter_table', 'PatternError', 'freeze', 'unfreeze', 'freeze_body',
-           'activation_memory', 'MemoryEstimate', 'estimate_training_memory', 'measure_training_memory']
+__all__ = ['TORCHAO_NOTICES', 'FIRST_TOKEN_HEADS', 'ATTENTION_KINDS', 'BERT_FAMILY', 'OPTIMIZERS', 'LabelError', 'head_labels',
+           'ModelNotFoundError', 'LabelMismatchError', 'DamagedModelError', 'NewHeadWarning', 'RandomBodyWarning',
+           'quiet_transformers', 'set_dropout', 'model_dropout', 'load_classifier', 'load_tokenizer', 'model_outputs',
+           'mean_pool', 'first_token_blocker', 'first_token_only', 'count_parameters', 'parameter_table',
+           'PatternError', 'freeze', 'unfreeze', 'freeze_body', 'activation_memory', 'MemoryEstimate',
+           'estimate_training_memory', 'measure_training_memory']
 
 # %% ../nbs/03_models.ipynb #5cbf9b37
 class LabelError(ValueError):
@@ -374,11 +377,13 @@ def _report_new_weights(model, info:dict, source:str, replaced:bool):
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")  # fast; WordPiece; BPE; SentencePiece
 
 def load_tokenizer(
-    source:str|Path,          # the folder or Hub id of the model
+    source:str|Path,          # a model asset name (see `list_assets()`), the model's folder, or its Hub id
     model:nn.Module|None=None,  # the model it feeds: used to cap `model_max_length` and to set a missing pad token
     **kwargs,                 # passed on to `AutoTokenizer.from_pretrained`
 ):
     "The fast tokenizer of `source`, with a real `model_max_length` and a pad token."
+    from bigmodel_nb.assets import model_path
+    source = model_path(source)           # an asset name becomes its folder; anything else is left as it is
     folder = Path(source)
     if folder.is_dir() and not any(next(folder.glob(g), None) for g in _TOKENIZER_FILES):
         # transformers 5 would build an empty tokenizer that maps every word to [UNK]: refuse instead
@@ -421,6 +426,107 @@ def mean_pool(
                          "states and a (batch, tokens) mask of the same batch and length.")
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+# %% ../nbs/03_models.ipynb #e7fb750c
+FIRST_TOKEN_HEADS = ("BertForSequenceClassification", "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
+                     "CamembertForSequenceClassification", "ElectraForSequenceClassification")
+_FIRST_TOKEN_CHECKED = weakref.WeakKeyDictionary()   # last layer -> None or why it cannot
+_FIRST_TOKEN_FORWARD = weakref.WeakKeyDictionary()   # last layer -> its first-token forward (one object, so wrappers see no change)
+
+def _unwrapped(model:nn.Module, peft:bool=True) -> nn.Module:
+    "The transformers model inside DDP's wrapper and (with `peft`) PEFT's."
+    for _ in range(3):
+        if isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
+        elif peft and hasattr(model, "get_base_model"): model = model.get_base_model()
+        else: break
+    return model
+
+_LAYER_EXTRAS = ("cache", "past_key_values", "past_key_value", "encoder_hidden_states", "encoder_attention_mask")
+def _layer_extras(args:tuple, kwargs:dict) -> list:
+    "What a layer call carries beyond its hidden states and mask: cached keys and values (prefix tuning), cross-attention."
+    return [f"argument {i + 3}" for i, v in enumerate(args) if v is not None] + [k for k in _LAYER_EXTRAS if kwargs.get(k) is not None]
+
+def _last_layer(model:nn.Module) -> nn.Module|None:
+    body = getattr(model, getattr(model, "base_model_prefix", "") or "-", None)
+    layers = getattr(getattr(body, "encoder", None), "layer", None)
+    return layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+def _first_token_forward(self, hidden_states:torch.Tensor, attention_mask:torch.Tensor|None=None, *args, **kwargs) -> torch.Tensor:
+    "A BERT layer for position 0 alone: its query attends over every key; (batch, 1, width)."
+    if _layer_extras(args, kwargs): return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)  # not for this
+    sa = self.attention.self
+    B, T, _ = hidden_states.shape
+    heads, d = sa.num_attention_heads, sa.attention_head_size
+    first = hidden_states[:, :1]
+    q = sa.query(first).view(B, 1, heads, d).transpose(1, 2)
+    k = sa.key(hidden_states).view(B, T, heads, d).transpose(1, 2)
+    v = sa.value(hidden_states).view(B, T, heads, d).transpose(1, 2)
+    mask = attention_mask
+    if mask is not None: mask = mask[:, None, None, :].bool() if mask.dim() == 2 else mask[..., :1, :]   # (B, 1, 1, T)
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sa.scaling,
+                                                         dropout_p=sa.dropout.p if self.training else 0.0)
+    a = self.attention.output(a.transpose(1, 2).reshape(B, 1, heads * d), first)
+    return self.output(self.intermediate(a), a)
+
+@torch.no_grad()
+def _first_token_check(model:nn.Module, config, layer:nn.Module) -> str|None:
+    "Run a random batch (one row padded) through the full and the shortened pass; None if the logits agree."
+    p = next(model.parameters())
+    ids = torch.randint(5, min(int(getattr(config, "vocab_size", 1000)), 1000), (2, 9),   # its own generator: the run's
+                        generator=torch.Generator().manual_seed(0)).to(p.device)              # random stream stays untouched
+    mask = torch.ones_like(ids); mask[1, 5:] = 0
+    was_training = model.training
+    model.eval()
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda mod, args, kwargs: seen.extend(_layer_extras(args[2:], kwargs)), with_kwargs=True)
+    try:
+        full = model_outputs(model(input_ids=ids, attention_mask=mask)).float()
+        layer.forward = _FIRST_TOKEN_FORWARD[layer]
+        try: short = model_outputs(model(input_ids=ids, attention_mask=mask)).float()
+        finally: del layer.forward
+    except Exception as e: return f"the first-token pass failed ({type(e).__name__}: {e})"
+    finally: model.train(was_training); hook.remove()
+    if seen: return f"its layers get {', '.join(sorted(set(seen)))} (e.g. prefix tuning's keys and values), which the first-token pass does not take"
+    gap, tol = (full - short).abs().max().item(), (1e-4 if p.dtype == torch.float32 else 3e-2) * (1 + full.abs().max().item())
+    return None if gap <= tol else f"the first-token pass differs from the full one by {gap:.1e} on a test batch"
+
+def first_token_blocker(
+    model:nn.Module,  # a classifier (PEFT- or DDP-wrapped is fine)
+) -> str|None:
+    "Why the last layer of `model` cannot run for the first token alone; None when it can (checked once per model)."
+    m = _unwrapped(model)
+    name = type(m).__name__
+    if name not in FIRST_TOKEN_HEADS: return f"{name} is not a head known to read the first token alone"
+    layer = _last_layer(m)
+    if layer is None: return f"{name} has no encoder.layer stack"
+    if layer in _FIRST_TOKEN_CHECKED: return _FIRST_TOKEN_CHECKED[layer]
+    parts = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output", "intermediate", "output"]
+    missing = [q for q in parts if not _has_submodule(layer, q)]
+    if missing: why = f"its last layer ({type(layer).__name__}) has no {', '.join(missing)}"
+    elif getattr(m.config, "is_decoder", False) or getattr(m.config, "add_cross_attention", False): why = "it is a decoder"
+    else:
+        _FIRST_TOKEN_FORWARD[layer] = types.MethodType(_first_token_forward, layer)
+        why = _first_token_check(_unwrapped(model, peft=False), m.config, layer)   # through PEFT's forward: it may add inputs
+    _FIRST_TOKEN_CHECKED[layer] = why
+    return why
+
+def _has_submodule(module:nn.Module, path:str) -> bool:
+    try: module.get_submodule(path); return True
+    except AttributeError: return False
+
+@contextmanager
+def first_token_only(
+    model:nn.Module,     # a classifier; see `first_token_blocker` for which
+    enabled:bool=True,   # False: run the full model (a switch for callers)
+):
+    "Inside, the last encoder layer computes the first position alone where `first_token_blocker` finds nothing against it; yields whether it does."
+    layer = _last_layer(_unwrapped(model)) if enabled and first_token_blocker(model) is None else None
+    if layer is None or "forward" in vars(layer):      # not possible, or already on (an outer block)
+        yield layer is not None
+        return
+    layer.forward = _FIRST_TOKEN_FORWARD[layer]
+    try: yield True
+    finally: vars(layer).pop("forward", None)     # tolerant: another thread's block may have ended first (both passes agree)
 
 # %% ../nbs/03_models.ipynb #2eefebd0
 def count_parameters(model:nn.Module) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from .core import autocast_dtype, get_device, patch_to, warn
 from .data import Collator, SortedBatchSampler, model_max_length
-from .models import load_classifier, mean_pool, model_outputs
+from .models import first_token_only, load_classifier, mean_pool, model_outputs
 from .tasks import Task, task_from_config
 
 # %% auto #0
@@ -29,8 +29,10 @@ class Predictor:
         precision:str="auto",           # autocast: 'auto' (bf16/fp16 on GPUs, fp32 on a CPU), 'bf16', 'fp16', 'fp32'
         batch_size:int=64,              # examples per forward pass (halved on out-of-memory, and kept so)
         max_length:int|None=None,       # truncate texts to this many tokens; default: the model's limit, at most 512
+        first_token:bool=True,          # run the last layer for the first token alone where the head reads nothing else (`models.first_token_only`)
     ):
         self.model, self.tokenizer, self.precision, self.batch_size = model, tokenizer, precision, int(batch_size)
+        self.first_token = first_token
         self.batch_cap = None            # set when a batch ran out of memory: no larger batches from then on
         self.task = task if task is not None else task_from_config(model.config)
         if device is not None: model.to(get_device(device))
@@ -56,7 +58,8 @@ class Predictor:
 @torch.no_grad()
 def forward(self, batch:dict) -> torch.Tensor:
     "The model's outputs for one collated batch (its `labels`, if any, are left out), in float32 on the model's device."
-    return model_outputs(self._call(batch)[0]).float()
+    with first_token_only(self.model, self.first_token):
+        return model_outputs(self._call(batch)[0]).float()
 
 @patch_to(Predictor)
 def _call(self, batch:dict, **kwargs) -> tuple:

@@ -363,3 +363,44 @@ def test_graph_batches_have_fixed_shapes_and_the_same_loss_and_gradients(make):
     shapes = {tuple(learn.graph_collate([ds[i] for i in b])["input_ids"].shape) for b in batches}
     assert all(b % 16 == 0 or b == ds.lengths.max() for b in learn._graph_buckets) and len(learn._graph_buckets) <= 8
     assert {r for r, _ in shapes} == {16} and {w for _, w in shapes} <= set(learn._graph_buckets)
+
+
+
+# ---- the last layer for the first token alone (models.first_token_only) --------------------------------------------
+def test_first_token_training_reaches_the_full_models_weights(make):
+    "Without dropout, training with the first-token pass (the default) follows the full model step for step."
+    full = make(dict(epochs=1, first_token=False), dropout=0.0); full.fit()
+    short = make(dict(epochs=1), dropout=0.0); short.fit()
+    assert full.first_token_status == "off" and short.first_token_status == "on"
+    a, b = params(full), params(short)
+    assert not same(a, params(make(dict(epochs=1), dropout=0.0)))             # training moved the weights ...
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4            # ... the same way in both
+    assert abs(full.history[-1]["valid_loss"] - short.history[-1]["valid_loss"]) < 1e-4
+    assert [HParams(first_token=v).first_token for v in ("on", "off", True, False)] == [True, False, True, False]
+    with pytest.raises(ValueError, match="first_token must be True or False"): HParams(first_token="sometimes")
+
+
+class MeanPooler(torch.nn.Module):
+    "A pooler over every position: a head that the first-token pass would get wrong."
+    def __init__(self, dense): super().__init__(); self.dense = dense
+    def forward(self, hidden): return torch.tanh(self.dense(hidden.mean(1)))
+
+
+def test_first_token_falls_back_to_the_full_model_with_the_reason(make):
+    runs = []
+    for first_token in (True, False):
+        learn = make(dict(epochs=1, first_token=first_token))
+        learn.model.bert.pooler = MeanPooler(learn.model.bert.pooler.dense)
+        learn.fit()
+        runs.append(learn)
+    assert runs[0].first_token_status.startswith("full: the first-token pass differs from the full one")
+    assert same(params(runs[0]), params(runs[1]))                                 # the refused pass trained the full model
+
+
+def test_lr_suggestion_stays_inside_the_sweep():
+    from bigmodel_nb.callbacks import LRFindResult
+    lrs = [1e-6, 1e-5, 1e-4, 1e-3]
+    early = LRFindResult(lrs, [0.7] * 4, [0.7] * 4, steepest=1e-5, minimum=2e-6)      # the lowest loss at the sweep's start
+    assert early.suggestion == 1e-6
+    later = LRFindResult(lrs, [0.7] * 4, [0.7] * 4, steepest=1e-4, minimum=1e-3)
+    assert later.suggestion == pytest.approx(1e-4)                                    # min(steepest, minimum / 10)

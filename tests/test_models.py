@@ -343,3 +343,74 @@ def test_unreachable_hub_fails_fast_with_the_reason(monkeypatch):
     assert time.perf_counter() - t0 < 10
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")                        # offline mode: the download library decides, at once
     assert M._hub_unreachable("no-such-org/no-such-model") is None
+
+
+# --- the last layer for the first token alone -----------------------------------------------------------------------
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_first_token_pass_gives_the_full_logits_and_gradients(tiny, arch):
+    model, tok, _ = _load(tiny[arch], labels=["neg", "pos"])
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    assert batch["attention_mask"].min() == 0                      # some rows are padded
+    model.eval()
+    full = model(**batch).logits
+    full.pow(2).sum().backward()
+    expected = _grads(model); model.zero_grad(set_to_none=True)
+    layer = model.base_model.encoder.layer[-1]
+    with M.first_token_only(model) as on:
+        assert on and "forward" in vars(layer)
+        short = model(**batch).logits
+        assert model.base_model(**batch).last_hidden_state.shape[1] == 1   # the last layer really ran for one position
+    short.pow(2).sum().backward()
+    got = _grads(model)
+    assert "forward" not in vars(layer)                             # the model is whole again
+    assert torch.allclose(full, short, atol=1e-5)
+    assert got.keys() == expected.keys()
+    assert max((got[n] - expected[n]).abs().max().item() for n in got) < 1e-5
+
+
+def test_first_token_blocker_names_why(tiny):
+    body = AutoModel.from_pretrained(tiny["bert"])
+    assert M.first_token_blocker(body).startswith("BertModel is not a head")
+    distil, _, _ = _load(tiny["distilbert"], labels=["neg", "pos"])
+    assert "DistilBertForSequenceClassification is not a head" in M.first_token_blocker(distil)
+    with M.first_token_only(distil) as on: assert not on
+    model, _, _ = _load(tiny["bert"], labels=["neg", "pos"])
+    assert M.first_token_blocker(model) is None
+    with M.first_token_only(model, enabled=False) as on: assert not on
+
+
+class _MeanPooler(nn.Module):
+    "A pooler that averages every position: a head the first-token pass would get wrong."
+    def __init__(self, dense): super().__init__(); self.dense = dense
+    def forward(self, hidden): return torch.tanh(self.dense(hidden.mean(1)))
+
+
+def test_first_token_self_check_refuses_a_head_that_reads_every_token(tiny):
+    model, tok, _ = _load(tiny["bert"], labels=["neg", "pos"])
+    model.bert.pooler = _MeanPooler(model.bert.pooler.dense)      # same class name, but the head now reads every token
+    why = M.first_token_blocker(model)
+    assert why is not None and "differs from the full one" in why
+    batch = tok(SENTENCES[:3], padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        full = model(**batch).logits
+        with M.first_token_only(model) as on: inside = model(**batch).logits
+    assert not on and torch.equal(full, inside)                   # refused: the block ran the full model
+
+
+def test_first_token_check_leaves_the_random_stream_alone(tiny):
+    model, _, _ = _load(tiny["bert"], labels=["neg", "pos"])
+    torch.manual_seed(5); expected = torch.rand(3)
+    torch.manual_seed(5)
+    assert M.first_token_blocker(model) is None                   # the first call runs the check
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_load_tokenizer_takes_an_asset_name(minilm):
+    by_name, by_folder = M.load_tokenizer("minilm"), M.load_tokenizer(minilm)
+    assert by_name("a quiet film")["input_ids"] == by_folder("a quiet film")["input_ids"] and by_name.is_fast

@@ -53,6 +53,9 @@ def test_adapter_run_checkpoints_only_what_trains_and_resumes_exactly(tiny_bert_
     assert isinstance(whole.states["model"]["obj"], TrainableWeights)
     base_before = {n: p.detach().clone() for n, p in whole.model.named_parameters() if not p.requires_grad}
     whole.fit()
+    # the last layer runs for the first token alone, except under prefix tuning (its layers get cached keys and values)
+    assert (whole.first_token_status == "on") == (method != "prefix"), whole.first_token_status
+    assert method != "prefix" or "prefix tuning" in whole.first_token_status
     cut = _learner(tiny_bert_dir, movie_data, method, out_dir=tmp_path, cbs=[StopAt(7)])
     cut.fit()
     ckpt = tmp_path / "checkpoint"
