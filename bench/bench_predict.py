@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast for both (the pipeline's calls run inside the same torch.autocast); auto: the library's "
                         "choice, fp32 on the CPU, bf16/fp16 on CUDA")
+    p.add_argument("--cuda-graphs", choices=("on", "off", "auto"), default="off",
+                   help="the Predictor's forward passes replayed from CUDA graphs (Predictor(cuda_graphs=...)); on a CPU it says why not")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0; None: the best available")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None: torch's choice")
     p.add_argument("--seed", type=int, default=0, help="seeds the new classification head")
@@ -107,7 +109,8 @@ def build_model(args):
 
 def make_predictor(model, tok, args, device, max_length):
     from bigmodel_nb.predict import Predictor
-    return Predictor(model, tok, device=device, precision=args.precision, batch_size=args.batch_size, max_length=max_length)
+    return Predictor(model, tok, device=device, precision=args.precision, batch_size=args.batch_size, max_length=max_length,
+                     cuda_graphs=args.cuda_graphs)
 
 
 def make_pipeline(model, tok, args, device, max_length, dtype):

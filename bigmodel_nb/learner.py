@@ -759,6 +759,7 @@ def graph_collate(self, examples:list) -> dict:
 def _setup_graphs(self):
     "At the start of `fit`: capture the step as CUDA graphs if `hp.cuda_graphs` asks for it and nothing stands in the way."
     self._graphs = None
+    self.predictor.cuda_graphs = "off"        # evaluation replays graphs only when training does
     mode = self.hp.cuda_graphs
     if mode == "off": self.graph_status = "off"; return
     why = self.graph_blockers()
@@ -768,6 +769,7 @@ def _setup_graphs(self):
         return
     self._graphs = StepGraphs(self)
     self.graph_status = "graphs"
+    self.predictor.cuda_graphs = "auto"       # and so do the evaluations (`Predictor`'s forward graphs)
 
 @patch_to(Learner)
 def _graphs_failed(self, why:str):

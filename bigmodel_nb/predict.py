@@ -16,7 +16,7 @@ from .models import first_token_only, load_classifier, mean_pool, model_outputs
 from .tasks import Task, task_from_config
 
 # %% auto #0
-__all__ = ['Predictor']
+__all__ = ['GRAPH_LENGTHS', 'Predictor', 'graph_shape', 'pad_to_shape', 'ForwardGraphs']
 
 # %% ../nbs/03c_predict.ipynb #c3d98026
 class Predictor:
@@ -30,9 +30,13 @@ class Predictor:
         batch_size:int=64,              # examples per forward pass (halved on out-of-memory, and kept so)
         max_length:int|None=None,       # truncate texts to this many tokens; default: the model's limit, at most 512
         first_token:bool=True,          # run the last layer for the first token alone where the head reads nothing else (`models.first_token_only`)
+        cuda_graphs:str|bool="off",     # replay forward passes from CUDA graphs: 'on', 'off', or 'auto' (on where nothing stands in the way)
     ):
         self.model, self.tokenizer, self.precision, self.batch_size = model, tokenizer, precision, int(batch_size)
         self.first_token = first_token
+        self.cuda_graphs = {"on": "on", "off": "off", "auto": "auto", "true": "on", "false": "off"}.get(str(cuda_graphs).lower())
+        if self.cuda_graphs is None: raise ValueError(f"cuda_graphs must be 'on', 'off' or 'auto' (or True / False), got {cuda_graphs!r}")
+        self._graphs, self.graph_status = None, "off"   # 'off', 'graphs' or 'eager...' (see `graph_blockers`)
         self.batch_cap = None            # set when a batch ran out of memory: no larger batches from then on
         self.task = task if task is not None else task_from_config(model.config)
         if device is not None: model.to(get_device(device))
@@ -58,6 +62,8 @@ class Predictor:
 @torch.no_grad()
 def forward(self, batch:dict) -> torch.Tensor:
     "The model's outputs for one collated batch (its `labels`, if any, are left out), in float32 on the model's device."
+    out = self._graph_forward(batch)                  # None unless CUDA graphs are asked for and can run
+    if out is not None: return out
     with first_token_only(self.model, self.first_token):
         return model_outputs(self._call(batch)[0]).float()
 
@@ -218,3 +224,107 @@ def from_pretrained(cls,
     elif is_adapter_folder(path): model, tok = load_adapter(path, base=base)
     else: model, tok = load_classifier(path)
     return cls(model, tok, device=get_device(device), **kwargs)
+
+# %% ../nbs/03c_predict.ipynb #f31a17ba
+GRAPH_LENGTHS = (16, 32, 48, 64, 80, 96, 112, 128, 192, 256, 320, 384, 448, 512)
+
+def graph_shape(
+    rows:int,                          # examples in the batch
+    length:int,                        # its padded length
+    batch_size:int,                    # the most rows a batch may have
+    lengths:Sequence[int]=GRAPH_LENGTHS,  # the lengths a captured graph may have
+) -> tuple:
+    "`(rows, length)` of the graph a batch is padded to: rows up to a power of two (at most `batch_size`), length up to the next of `lengths`."
+    r = 1
+    while r < rows: r *= 2
+    return max(rows, min(r, batch_size)), next((b for b in sorted(lengths) if b >= length), length)
+
+def pad_to_shape(
+    batch:dict,        # collated tensors, (rows, length) each; `labels` is left out
+    rows:int,          # pad to this many rows ...
+    length:int,        # ... and this many positions
+    pad_id:int=0,      # the token id of the added positions (masked out, so any id does)
+) -> dict:
+    "The batch grown to `(rows, length)`: new rows and positions get `pad_id` (input ids) or 0 (attention mask and the rest)."
+    out = {}
+    for k, v in batch.items():
+        if k == "labels": continue
+        n, t = v.shape[:2]
+        out[k] = torch.nn.functional.pad(v, (0, length - t, 0, rows - n), value=pad_id if k == "input_ids" else 0)
+    return out
+
+# %% ../nbs/03c_predict.ipynb #14cc0b62
+class ForwardGraphs:
+    "A predictor's forward pass as CUDA graphs, one per padded shape: inputs are copied into static buffers, the graph replayed."
+    def __init__(self, predictor:Predictor):
+        self.p, self.pool, self.graphs, self.captures = predictor, torch.cuda.graph_pool_handle(), {}, 0
+        self._weights = self._identity()
+
+    def _identity(self) -> list: return [t.data_ptr() for t in self.p.model.parameters()]
+
+    def _capture(self, ins:dict) -> tuple:
+        p, dev = self.p, self.p.device
+        static = {k: v.clone() for k, v in ins.items()}
+        dtype = autocast_dtype(dev, p.precision)
+        def region():
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False), \
+                 first_token_only(p.model, p.first_token):
+                return model_outputs(p.model(**static)).float()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2): out = region()                  # lazy set-up happens here, not inside the capture
+        torch.cuda.current_stream(dev).wait_stream(side)
+        if out.dim() != 2 or out.shape[0] != len(static["input_ids"]):
+            raise ValueError(f"the model's output has shape {tuple(out.shape)}, not one row per example")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = region()
+        self.captures += 1
+        return graph, static, out
+
+    def __call__(self, batch:dict) -> torch.Tensor:
+        "The outputs of the batch's real rows (float32, on the device), from the graph of its padded shape."
+        if "attention_mask" not in batch: raise ValueError("the batch has no attention mask, so it cannot be padded")
+        if self._identity() != self._weights: self.graphs, self._weights = {}, self._identity()   # new weight tensors
+        n, t = batch["input_ids"].shape
+        rows, length = graph_shape(n, t, max(self.p.batch_size, n))
+        ins = pad_to_shape({k: v.to(self.p.device, non_blocking=True) for k, v in batch.items()}, rows, length,
+                           getattr(self.p.tokenizer, "pad_token_id", None) or 0)
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(ins.items())) + (self.p.precision, self.p.first_token)
+        if key not in self.graphs: self.graphs[key] = self._capture(ins)
+        graph, static, out = self.graphs[key]
+        for k, v in ins.items(): static[k].copy_(v)
+        graph.replay()
+        return out[:n].clone()
+
+# %% ../nbs/03c_predict.ipynb #9e65b360
+@patch_to(Predictor)
+def graph_blockers(self) -> list:
+    "Why this predictor's forward passes cannot be replayed from CUDA graphs here (empty when they can)."
+    why = []
+    if self.device.type != "cuda": why.append(f"CUDA graphs need a CUDA device, and the model is on {self.device.type}")
+    if next(self.model.parameters(), None) is None: why.append(f"{type(self.model).__name__} has no parameters of its own")
+    elif self.model.training: why.append("the model is in training mode (dropout would be frozen into the graph)")
+    return why
+
+@patch_to(Predictor)
+def _graph_forward(self, batch:dict) -> torch.Tensor|None:
+    "The batch's outputs from a CUDA graph, or None when graphs are off or cannot be used (said once, when asked for)."
+    if self.cuda_graphs == "off": return None
+    if self.graph_blockers():
+        if self.cuda_graphs == "on" and self.graph_status != "eager":
+            warn(f"cuda_graphs='on', but predictions run eagerly: {'; '.join(self.graph_blockers())}.")
+        self.graph_status = "eager"
+        return None
+    if self._graphs is None: self._graphs = ForwardGraphs(self)
+    try:
+        out = self._graphs(batch)
+        self.graph_status = "graphs"
+        return out
+    except (torch.OutOfMemoryError, KeyboardInterrupt): raise
+    except Exception as e:
+        self._graphs, self.cuda_graphs, self.graph_status = None, "off", f"eager: {type(e).__name__}: {e}"
+        warn(f"predictions cannot be replayed from CUDA graphs ({type(e).__name__}: {e}); they run eagerly from now on.")
+        if self.device.type == "cuda": torch.cuda.empty_cache()
+        return None

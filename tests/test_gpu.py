@@ -246,3 +246,36 @@ def test_cuda_graphs_fall_back_with_a_reason_in_fp16(tiny_bert_dir, movie_data):
     learn = Learner(model, movie_data, HParams(epochs=1, batch_size=16, precision="fp16", cuda_graphs="on"), device=DEV, progress=False)
     with pytest.warns(UserWarning, match="fp16 needs a loss scaler"): learn.fit()
     assert learn.graph_status.startswith("eager: fp16") and learn.samples_seen == len(learn.train_ds)
+
+
+# ---- CUDA graphs for prediction (Predictor(cuda_graphs="on")) -------------------------------------------------
+@cuda_only
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("bf16", 3e-2)])
+def test_prediction_graphs_give_the_eager_outputs(tiny_bert_dir, precision, tol):
+    from bigmodel_nb.predict import GRAPH_LENGTHS, Predictor
+    from transformers import AutoTokenizer
+    model, tok = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).to(DEV), AutoTokenizer.from_pretrained(tiny_bert_dir)
+    texts = load_sample("movie_reviews").text.iloc[:300].tolist()
+    eager = Predictor(model, tok, precision=precision, batch_size=32).outputs(texts)
+    graphed = Predictor(model, tok, precision=precision, batch_size=32, cuda_graphs="on")
+    out, few = graphed.outputs(texts), graphed.outputs(texts[:5])
+    n = graphed._graphs.captures
+    worst = (out - eager).abs().max().item()
+    report("prediction graphs vs eager", precision=precision, captures=n, worst_abs=worst)
+    assert graphed.graph_status == "graphs" and torch.allclose(out, eager, atol=tol, rtol=tol)
+    assert torch.allclose(few, eager[:5], atol=tol, rtol=tol) and 2 <= n <= 6 * len(GRAPH_LENGTHS)
+    model.classifier.weight = torch.nn.Parameter(model.classifier.weight.detach() * 2)   # new weight tensors
+    changed = graphed.outputs(texts[:5])
+    assert graphed._graphs.captures > n and not torch.allclose(changed, few)
+
+
+@cuda_only
+def test_validation_replays_graphs_when_training_does(tiny_bert_dir, movie_data):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    learn = Learner(model, movie_data, HParams(epochs=1, batch_size=16, precision="bf16", cuda_graphs="on"), device=DEV, progress=False)
+    learn.fit()
+    status, graphed = learn.predictor.graph_status, learn.history[-1]["valid_loss"]
+    learn.predictor.cuda_graphs = "off"
+    eager = learn.validate()["valid_loss"]
+    report("validation with graphs", status=status, graphed=graphed, eager=eager)
+    assert learn.graph_status == "graphs" and status == "graphs" and abs(graphed - eager) < 2e-2

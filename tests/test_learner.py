@@ -404,3 +404,25 @@ def test_lr_suggestion_stays_inside_the_sweep():
     assert early.suggestion == 1e-6
     later = LRFindResult(lrs, [0.7] * 4, [0.7] * 4, steepest=1e-4, minimum=1e-3)
     assert later.suggestion == pytest.approx(1e-4)                                    # min(steepest, minimum / 10)
+
+
+# ---- CUDA graphs for prediction: what a CPU can check (the replays are in test_gpu.py) ------------------------------
+def test_prediction_graph_shapes_padding_and_fallback(make):
+    from bigmodel_nb.predict import Predictor, graph_shape, pad_to_shape
+    assert graph_shape(5, 21, 64) == (8, 32) and graph_shape(64, 128, 64) == (64, 128)
+    assert graph_shape(40, 17, 48) == (48, 32)                      # rows: a power of two, at most the batch size
+    assert graph_shape(3, 600, 64) == (4, 600)                      # longer than every graph length: kept
+    learn = make(dropout=0.0)
+    batch = learn.collate([learn.train_ds[i] for i in range(5)])
+    rows, length = graph_shape(5, batch["input_ids"].shape[1], 64)
+    grown = pad_to_shape(batch, rows, length, pad_id=0)
+    assert grown["input_ids"].shape == (rows, length) == (8, length) and "labels" not in grown
+    assert grown["attention_mask"][5:].sum() == 0 and grown["attention_mask"][:, batch["input_ids"].shape[1]:].sum() == 0
+    learn.model.eval()
+    with torch.no_grad(): padded, plain = learn.model(**grown).logits[:5], learn.predictor.forward(batch)
+    assert torch.allclose(padded, plain, atol=1e-5)
+    texts = ["a fine film", "dull and far too long"]
+    asked = Predictor(learn.model, learn.tokenizer, cuda_graphs="on")
+    with pytest.warns(UserWarning, match="predictions run eagerly: CUDA graphs need a CUDA device"): on = asked.outputs(texts)
+    assert asked.graph_status == "eager" and torch.equal(on, Predictor(learn.model, learn.tokenizer).outputs(texts))
+    with pytest.raises(ValueError, match="cuda_graphs must be 'on', 'off' or 'auto'"): Predictor(learn.model, learn.tokenizer, cuda_graphs="fast")
