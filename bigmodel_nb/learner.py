@@ -33,7 +33,7 @@ from .events import (EVENTS, CancelBatchException, CancelEpochException, CancelF
 from .metrics import score
 from .models import first_token_blocker, first_token_only, model_dropout, model_outputs, quiet_transformers, set_dropout
 from .peft import AdaLoRABudget, adapter_kind, merged_model, save_adapter
-from .predict import Predictor
+from .predict import Predictor, check_graph_mode
 
 # %% auto #0
 __all__ = ['HPARAMS', 'SCHEDULES', 'GRAPH_BLOCKING_EVENTS', 'STOP_SIGNALS', 'HParam', 'register_hparam', 'live_hparams',
@@ -74,11 +74,6 @@ def _whole(name, v): return check_positive(name, v, integer=True)
 def _dropout(name, v): return None if v is None else check_fraction(name, v)
 def _apply_dropout(learn, p): set_dropout(learn.model, p)
 def _read_dropout(learn): return model_dropout(learn.model)
-_GRAPH_MODES = {"on": "on", "off": "off", "auto": "auto", "true": "on", "false": "off"}
-def _graphs_mode(name, v):
-    key = ("on" if v else "off") if isinstance(v, bool) else str(v).lower()
-    if key not in _GRAPH_MODES: raise ValueError(f"{name} must be 'on', 'off' or 'auto' (or True / False), got {v!r}")
-    return _GRAPH_MODES[key]
 def _switch(name, v):
     key = str(v).lower()
     if key not in ("true", "false", "on", "off"): raise ValueError(f"{name} must be True or False ('on' or 'off'), got {v!r}")
@@ -165,7 +160,7 @@ for _builtin in [
            cli=dict(metavar="NAME")),
     HParam("dropout", None, _dropout, "every dropout probability of the model (default: the model's own)",
            live=True, apply=_apply_dropout, cli=dict(type=float, metavar="P"), widget=("float", 0.0, 0.5, 0.05), read=_read_dropout),
-    HParam("cuda_graphs", "off", _graphs_mode, "capture the training step as CUDA graphs: on, off, or auto (on where nothing stands in the way)",
+    HParam("cuda_graphs", "off", check_graph_mode, "capture the training step as CUDA graphs: on, off, or auto (on where nothing stands in the way)",
            cli=dict(choices=("on", "off", "auto"))),
     HParam("first_token", True, _switch, "compute the last layer for the first token alone where the head reads nothing else (same loss, less work)",
            cli=dict(choices=("on", "off"))),

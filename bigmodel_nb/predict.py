@@ -16,7 +16,7 @@ from .models import first_token_only, load_classifier, mean_pool, model_outputs
 from .tasks import Task, task_from_config
 
 # %% auto #0
-__all__ = ['GRAPH_LENGTHS', 'Predictor', 'graph_shape', 'pad_to_shape', 'ForwardGraphs']
+__all__ = ['GRAPH_LENGTHS', 'Predictor', 'check_graph_mode', 'graph_shape', 'pad_to_shape', 'ForwardGraphs']
 
 # %% ../nbs/03c_predict.ipynb #c3d98026
 class Predictor:
@@ -34,8 +34,7 @@ class Predictor:
     ):
         self.model, self.tokenizer, self.precision, self.batch_size = model, tokenizer, precision, int(batch_size)
         self.first_token = first_token
-        self.cuda_graphs = {"on": "on", "off": "off", "auto": "auto", "true": "on", "false": "off"}.get(str(cuda_graphs).lower())
-        if self.cuda_graphs is None: raise ValueError(f"cuda_graphs must be 'on', 'off' or 'auto' (or True / False), got {cuda_graphs!r}")
+        self.cuda_graphs = check_graph_mode("cuda_graphs", cuda_graphs)
         self._graphs, self.graph_status = None, "off"   # 'off', 'graphs' or 'eager...' (see `graph_blockers`)
         self.batch_cap = None            # set when a batch ran out of memory: no larger batches from then on
         self.task = task if task is not None else task_from_config(model.config)
@@ -227,6 +226,16 @@ def from_pretrained(cls,
 
 # %% ../nbs/03c_predict.ipynb #f31a17ba
 GRAPH_LENGTHS = (16, 32, 48, 64, 80, 96, 112, 128, 192, 256, 320, 384, 448, 512)
+_GRAPH_MODES = {"on": "on", "off": "off", "auto": "auto", "true": "on", "false": "off"}
+
+def check_graph_mode(
+    name:str,      # the setting's name, for the error
+    v,             # 'on', 'off', 'auto' (any case), or True / False
+) -> str:
+    "A CUDA-graph setting as 'on', 'off' or 'auto' (for `Predictor` and the Learner's `HParams`); anything else is an error."
+    key = ("on" if v else "off") if isinstance(v, bool) else str(v).lower()
+    if key not in _GRAPH_MODES: raise ValueError(f"{name} must be 'on', 'off' or 'auto' (or True / False), got {v!r}")
+    return _GRAPH_MODES[key]
 
 def graph_shape(
     rows:int,                          # examples in the batch
