@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=64, help="texts in the one untimed call of each before any timing")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast for both (the pipeline's calls run inside the same torch.autocast); auto: the library's "
-                        "choice, fp32 on the CPU, bf16/fp16 on CUDA")
+                        "choice for prediction (bigmodel_nb.core.autocast_dtype): bf16/fp16 on CUDA, fp32 on a CPU")
     p.add_argument("--cuda-graphs", choices=("on", "off", "auto"), default="off",
                    help="the Predictor's forward passes replayed from CUDA graphs (Predictor(cuda_graphs=...)); on a CPU it says why not")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0; None: the best available")

@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens (default: the model's limit)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="auto: the library's own choice (bigmodel_nb.core.autocast_dtype): bf16 on CUDA 8.0+, fp16 on older CUDA, fp32 on the CPU")
+                   help="auto: the library's own choice (bigmodel_nb.core.autocast_dtype): bf16 on CUDA 8.0+ and on CPUs with AVX512-BF16 or AMX, fp16 on older CUDA, fp32 on other CPUs")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0, mps (default: the best available)")
     p.add_argument("--order", choices=("learner-first", "trainer-first"), default="learner-first",
@@ -262,7 +262,7 @@ def main(argv=None):
     if args.threads: torch.set_num_threads(args.threads)
     device = get_device(args.device)
     if device.type == "cuda" and device.index is not None: torch.cuda.set_device(device)   # Trainer uses the current GPU
-    precision = args.precision if args.precision != "auto" else precision_name(autocast_dtype(device, "auto"))
+    precision = args.precision if args.precision != "auto" else precision_name(autocast_dtype(device, "auto", training=True))
     dtype = autocast_dtype(device, precision)
 
     # data: one split, tokenized once, seen by both

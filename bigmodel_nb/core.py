@@ -94,8 +94,9 @@ def bf16_supported(device:str|torch.device|None=None) -> bool:
 def autocast_dtype(
     device:str|torch.device|None=None, # the device (see `get_device`)
     precision:str|torch.dtype="auto",  # "auto", "bf16", "fp16" or "fp32"
+    training:bool=False,               # for a training step: "auto" may then pick bf16 on a CPU that runs it natively
 ) -> torch.dtype:
-    "The dtype to autocast to on `device`: `precision` if named, else bf16/fp16 on GPUs and fp32 on the CPU."
+    "The dtype to autocast to on `device`: `precision` if named; else bf16 on GPUs that run it natively (fp16 on older ones and MPS); on a CPU fp32, or bf16 for training where the CPU runs it natively."
     dev = get_device(device)
     if isinstance(precision, torch.dtype): key = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(precision)
     else: key = str(precision).strip().lower()
@@ -104,7 +105,7 @@ def autocast_dtype(
     if key == "auto":
         if dev.type == "cuda": return torch.bfloat16 if bf16_supported(dev) else torch.float16
         if dev.type == "mps": return torch.float16
-        return torch.float32
+        return torch.bfloat16 if training and bf16_supported(dev) else torch.float32   # CPUs without bf16 instructions emulate it, slowly
     dtype = PRECISIONS[key]
     if dev.type == "cuda" and dtype == torch.bfloat16 and not bf16_supported(dev):
         raise ValueError(f"precision 'bf16' was asked for, but {torch.cuda.get_device_name(dev)} has no native bf16 "
@@ -416,7 +417,9 @@ def env_report(device:str|torch.device|None=None) -> EnvReport:
         free, total = torch.cuda.mem_get_info(dev)
         r["GPU"] = f"{torch.cuda.get_device_name(dev)} (x{torch.cuda.device_count()}, compute capability {'.'.join(map(str, torch.cuda.get_device_capability(dev)))})"
         r["GPU memory"] = f"{_gib(free)} free of {_gib(total)}"
-    if dev is not None: r["precision (auto)"] = precision_name(autocast_dtype(dev))
+    if dev is not None:
+        r["precision (auto)"] = (f"{precision_name(autocast_dtype(dev, training=True))} training, "
+                                 f"{precision_name(autocast_dtype(dev))} prediction")
     r["CPU"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
     total, avail = _ram()
     r["RAM"] = f"{_gib(avail)} available of {_gib(total)}"

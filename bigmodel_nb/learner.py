@@ -153,7 +153,7 @@ for _builtin in [
            live=True, cli=dict(type=int, metavar="N"), widget=("int", 1, 16)),
     HParam("max_grad_norm", 1.0, check_nonnegative, "clip the global gradient norm to this (0: no clipping)",
            live=True, cli=dict(type=float, metavar="NORM")),
-    HParam("precision", "auto", check_choice(PRECISION_CHOICES), "number format of the matrix products: auto is fp32 on a CPU, bf16 or fp16 on a GPU",
+    HParam("precision", "auto", check_choice(PRECISION_CHOICES), "number format of the matrix products: auto is bf16 where the chip runs it natively (recent GPUs; CPUs with AMX or AVX512-BF16, for the training step, validation stays fp32), else fp16 on a GPU and fp32 on a CPU",
            cli=dict(choices=PRECISION_CHOICES)),
     HParam("seed", 42, check_seed, "seed of the new head's weights, dropout and the batch order", cli=None),
     HParam("schedule", "linear", check_schedule, "learning-rate schedule after the warm-up: linear, cosine, one_cycle, constant, cosine_restarts",
@@ -377,7 +377,7 @@ class Learner:
         self._graphs, self.graph_status = None, "off"   # see `graph_blockers`: 'off', 'graphs' or 'eager: <why>'
         self.first_token_status = "off"                 # 'on', 'off' or 'full: <why>' (see `_setup_first_token`)
         self._graph_buckets = None                      # the padded lengths of `graph_collate`, chosen at its first call
-        self.dtype = autocast_dtype(self.device, self.hp.precision)
+        self.dtype = autocast_dtype(self.device, self.hp.precision, training=True)
         self.step = self.epoch = self.batches = self.samples_seen = self._micro = self.skipped_steps = 0
         self.train_loss, self.lr_now, self.grad_norm, self.metrics = float("nan"), 0.0, None, {}
         self.history, self.log = [], []
@@ -443,7 +443,7 @@ def prepare(self):
     if self.opt is not None: return
     hp = self.hp
     self.opt = make_optimizer(self.model, hp, self.device)
-    self.dtype = autocast_dtype(self.device, hp.precision)
+    self.dtype = autocast_dtype(self.device, hp.precision, training=True)
     self.scaler = torch.amp.GradScaler(self.device.type) if needs_loss_scaling(self.dtype) and self.device.type == "cuda" else None
     world = self.world
     self.sampler = DynamicBatchSampler(self.train_ds.lengths, batch_size=lambda: self.hp.batch_size * world, seed=hp.seed)

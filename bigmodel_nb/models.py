@@ -648,11 +648,11 @@ def freeze_body(
 _SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 def _planned_dtype(device:torch.device, precision:str|torch.dtype) -> torch.dtype:
-    "`autocast_dtype` for a device that may not be on this machine: 'auto' then means bf16 on CUDA, fp16 on MPS."
+    "`autocast_dtype` for a device that may not be on this machine: 'auto' then means bf16 on CUDA, fp16 on MPS (for training)."
     if isinstance(precision, torch.dtype) and precision in _SIZE: return precision
     key = str(precision).strip().lower()
     if key != "auto": return autocast_dtype("cpu", precision)            # names are checked there
-    try: return autocast_dtype(device, "auto")
+    try: return autocast_dtype(device, "auto", training=True)
     except ValueError: return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
 
 def _first(config, *names, default=None):
@@ -919,7 +919,7 @@ def measure_training_memory(
 ) -> dict:
     "Measured bytes of one training step: what was alive before it and after the forward pass, the peak of each phase, the peak."
     dev = next(model.parameters()).device
-    dtype = autocast_dtype(dev, precision)
+    dtype = autocast_dtype(dev, precision, training=True)
     was_training = model.training
     batch = _random_batch(model, batch_size, seq_len, dev)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -26,7 +26,7 @@ class Predictor:
         tokenizer=None,                 # turns texts into token ids (not needed to predict a tokenized dataset); for images, a `vision.ImageProcessor`
         task:Task|None=None,            # decodes the outputs; default: read from `model.config`
         device:str|torch.device|None=None,  # move the model here; None: where the model already is
-        precision:str="auto",           # autocast: 'auto' (bf16/fp16 on GPUs, fp32 on a CPU), 'bf16', 'fp16', 'fp32'
+        precision:str="auto",           # autocast: 'auto' (see `core.autocast_dtype`), 'bf16', 'fp16', 'fp32'
         batch_size:int=64,              # examples per forward pass (halved on out-of-memory, and kept so)
         max_length:int|None=None,       # truncate texts to this many tokens; default: the model's limit, at most 512
         first_token:bool=True,          # run the last layer for the first token alone where the head reads nothing else (`models.first_token_only`)

@@ -34,6 +34,18 @@ def test_precision_choice():
         core.autocast_dtype("cpu", "fp8")
 
 
+def test_auto_precision_trains_in_bf16_only_on_a_cpu_that_runs_it(monkeypatch):
+    native = core.bf16_supported("cpu")
+    assert core.autocast_dtype("cpu", training=True) is (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setattr(core, "bf16_supported", lambda device=None: True)
+    assert core.autocast_dtype("cpu", training=True) is torch.bfloat16
+    assert core.autocast_dtype("cpu") is torch.float32                        # prediction stays fp32
+    assert core.autocast_dtype("cpu", "fp32", training=True) is torch.float32  # a named precision wins
+    monkeypatch.setattr(core, "bf16_supported", lambda device=None: False)
+    assert core.autocast_dtype("cpu", training=True) is torch.float32         # emulated bf16 would be slower
+    assert "training" in core.env_report("cpu")["precision (auto)"]
+
+
 def test_seeding_repeats_initial_weights():
     core.set_seed(123); a = torch.nn.Linear(8, 2).weight.detach().clone()
     core.set_seed(123); b = torch.nn.Linear(8, 2).weight.detach().clone()

@@ -48,6 +48,25 @@ def params(learn): return {k: v.detach().clone() for k, v in learn.model.state_d
 def same(a, b): return all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_auto_precision_trains_in_bf16_and_validates_in_fp32_where_the_cpu_runs_bf16(make, monkeypatch):
+    import bigmodel_nb.core as core
+    monkeypatch.setattr(core, "bf16_supported", lambda device=None: True)   # the same answer this CPU may give
+    seen = {}
+    class Dtypes(Callback):
+        def after_loss(self): seen.setdefault("train", self.learn.pred.dtype)
+    learn = make(dict(epochs=1), cbs=[Dtypes()])
+    def record(module, inputs, output): seen.setdefault("train_head" if module.training else "eval", output.dtype)
+    hook = learn.model.classifier.register_forward_hook(record)
+    learn.fit()
+    hook.remove()
+    assert learn.dtype is torch.bfloat16 and "in bf16" in repr(learn)
+    assert seen["train"] is torch.bfloat16 and seen["eval"] is torch.float32
+    assert all(p.dtype is torch.float32 for p in learn.model.parameters())     # fp32 master weights
+    assert math.isfinite(learn.history[-1]["train_loss"]) and "valid_loss" in learn.history[-1]
+    fp32 = make(dict(epochs=1, precision="fp32"))
+    assert fp32.dtype is torch.float32
+
+
 def test_fit_learns_and_records(make):
     learn = make(dict(epochs=3, lr=2e-3))
     learn.fit()
