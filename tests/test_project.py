@@ -53,7 +53,7 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
     setup_and_run, setup_and_test = cmds
     assert "bigmodel-nb" in setup_and_run and "[dev]" not in setup_and_run
     test_cmd = setup_and_test.split('".[dev]" && ', 1)[1]
-    assert test_cmd == "nbdev_test && pytest tests/"
+    assert test_cmd == "OMP_NUM_THREADS=1 nbdev_test && pytest tests/"
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_cmd in ci, "CI must call exactly README's test command"
     after = ci[ci.index(test_cmd) + 1]
